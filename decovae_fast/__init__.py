@@ -1,0 +1,4 @@
+"""decovae_fast: a fast DeCo-VAE (keyframe + motion + residual video VAE)."""
+__version__ = "0.1.0"
+
+from decovae_fast import ops  # noqa: E402,F401
