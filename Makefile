@@ -1,0 +1,35 @@
+# Two entry points (see README): `make run` (the main job on the bundled default) and `make test`.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda)
+# no GPU visible: compile the CUDA kernels for Hopper (the setup.py default adds Ampere too)
+export TORCH_CUDA_ARCH_LIST ?= $(shell nvidia-smi >/dev/null 2>&1 || echo 9.0)
+
+.PHONY: setup build run test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q torch
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,train]"
+	touch $@
+
+build: setup  ## rebuild the extension in place after editing csrc/
+	PYTHON=$(PY) scripts/build_ext.sh
+
+run: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(VENV)/bin/decovae bench --quick --json bench/results/$$($(PY) -c "import decovae_fast.benchmark as b; print(b.device_slug())").json
+
+clean:
+	rm -rf build $(VENV) decovae_fast/_C*.so *.egg-info
