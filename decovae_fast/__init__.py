@@ -2,3 +2,4 @@
 __version__ = "0.1.0"
 
 from decovae_fast import ops  # noqa: E402,F401
+from decovae_fast.models import DeCoVAE, DeCoVAEConfig, PlainCausalVAE, PlainVAEConfig  # noqa: E402,F401

@@ -1,0 +1,168 @@
+"""Configuration dataclasses of the models. Both are asdict-able and round-trip through JSON.
+
+Temporal layout (one scheme for both models, documented here once): a video is cut into GOPs
+(groups of pictures). A GOP of n frames is its first frame (the keyframe) plus n - 1 "inner" frames;
+the inner frames are padded to a multiple of 4 by repeating the last frame and compressed 4x in
+time, so a GOP of 1 + 4k frames has one keyframe latent and k motion/residual latent frames.
+A new GOP starts every `keyframe_interval` frames, or earlier when the warp of the keyframe fails
+(mean squared residual over `scene_cut_threshold`, e.g. a scene cut). GOPs are coded
+independently, which is what makes streaming simple: one GOP at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+
+def _tuples(obj) -> None:
+    """JSON gives lists; keep the tuple fields tuples so configs compare equal after a round trip."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, list):
+            setattr(obj, f.name, tuple(v))
+
+
+class _ConfigMixin:
+    model_type = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": self.model_type, **self.to_dict()}, indent=2, sort_keys=True)
+
+    def config_hash(self) -> str:
+        """Short stable hex digest of the config (latent files carry it)."""
+        blob = json.dumps({"model_type": self.model_type, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class DeCoVAEConfig(_ConfigMixin):
+    # latent channels of the three parts (keyframe 8x spatial; motion 16x spatial, 4x temporal;
+    # residual 8x spatial, 4x temporal)
+    keyframe_channels: int = 16
+    motion_channels: int = 4
+    residual_channels: int = 4
+    # GOPs
+    keyframe_interval: int = 17
+    scene_cut_threshold: float | None = 0.08  # mean squared warp residual in [-1,1] units; None: off
+    # scale-space warp
+    volume_levels: int = 5
+    volume_sigma0: float = 1.0
+    motion_scale: float = 16.0  # u, v (pixels) are divided by this at the encoder and decoder
+    # motion estimator: channels at 1/4, 1/8, 1/16 resolution
+    motion_estimator_channels: tuple = (24, 32, 48)
+    # keyframe and residual encoders: channels at 1/2, 1/4, 1/8; ResBlocks per stage
+    encoder_channels: tuple = (32, 64, 96)
+    encoder_blocks: tuple = (1, 1, 1)
+    # motion encoder: channels at 1/4, 1/8, 1/16
+    motion_encoder_channels: tuple = (32, 48, 64)
+    # shared decoder trunk: channels at 1/8, 1/4, 1/2 (coarse to fine); ResBlocks per stage
+    decoder_channels: tuple = (128, 96, 64)
+    decoder_blocks: tuple = (2, 1, 1)
+    # tiling (enable_tiling): tile core size and halo (context on every side), in pixels
+    tile_size: int = 256
+    tile_halo: int = 64
+
+    model_type = "decovae"
+
+    def __post_init__(self):
+        _tuples(self)
+        if self.keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+        for name in ("keyframe_channels", "motion_channels", "residual_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tile_size % 16 or self.tile_halo % 16:
+            raise ValueError("tile_size and tile_halo must be multiples of 16")
+
+    @classmethod
+    def tiny(cls) -> "DeCoVAEConfig":
+        """A few million parameters: trainable on a CPU; the configuration that ships with weights."""
+        return cls()
+
+    @classmethod
+    def base(cls) -> "DeCoVAEConfig":
+        """The size a GPU user would train."""
+        return cls(motion_estimator_channels=(32, 64, 96), encoder_channels=(64, 128, 256),
+                   encoder_blocks=(1, 2, 2), motion_encoder_channels=(64, 96, 128),
+                   decoder_channels=(384, 256, 128), decoder_blocks=(3, 2, 2))
+
+    @property
+    def spatial_factor(self) -> int:
+        """H and W are padded to a multiple of this (the motion latent's 16x)."""
+        return 16
+
+    def latent_elements(self, frames: int, height: int, width: int) -> int:
+        """Latent elements (per batch item) of a video cut only at the keyframe interval."""
+        H = math.ceil(height / 16) * 16
+        W = math.ceil(width / 16) * 16
+        h, w = H // 8, W // 8
+        total = 0
+        for start in range(0, frames, self.keyframe_interval):
+            n = min(self.keyframe_interval, frames - start)
+            k = math.ceil((n - 1) / 4)
+            total += self.keyframe_channels * h * w
+            total += k * (self.motion_channels * (h // 2) * (w // 2) + self.residual_channels * h * w)
+        return total
+
+
+@dataclass
+class PlainVAEConfig(_ConfigMixin):
+    """One RGB causal encoder (8x spatial, 4x temporal) and the DeCo-VAE decoder trunk."""
+    latent_channels: int = 7
+    keyframe_interval: int = 17  # segments coded independently, as DeCo-VAE's GOPs (no adaptive cut)
+    encoder_channels: tuple = (32, 64, 96)
+    encoder_blocks: tuple = (1, 1, 1)
+    decoder_channels: tuple = (128, 96, 64)
+    decoder_blocks: tuple = (2, 1, 1)
+    tile_size: int = 256
+    tile_halo: int = 64
+
+    model_type = "plain"
+
+    def __post_init__(self):
+        _tuples(self)
+        if self.keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+        if self.tile_size % 16 or self.tile_halo % 16:
+            raise ValueError("tile_size and tile_halo must be multiples of 16")
+
+    @classmethod
+    def matching(cls, deco: DeCoVAEConfig) -> "PlainVAEConfig":
+        """Same decoder trunk, encoder widths and GOP length as `deco`, and the latent channel count
+        whose element count per GOP is closest to deco's (with interval 1 + 4k both have 1 + k
+        latent frames per GOP at 8x spatial; deco's motion part is at 16x)."""
+        k = math.ceil((deco.keyframe_interval - 1) / 4)
+        deco_units = deco.keyframe_channels + k * (deco.motion_channels / 4 + deco.residual_channels)
+        channels = max(1, round(deco_units / (1 + k)))
+        return cls(latent_channels=channels, keyframe_interval=deco.keyframe_interval,
+                   encoder_channels=deco.encoder_channels, encoder_blocks=deco.encoder_blocks,
+                   decoder_channels=deco.decoder_channels, decoder_blocks=deco.decoder_blocks,
+                   tile_size=deco.tile_size, tile_halo=deco.tile_halo)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 8
+
+    def latent_elements(self, frames: int, height: int, width: int) -> int:
+        h, w = math.ceil(height / 8), math.ceil(width / 8)
+        total = 0
+        for start in range(0, frames, self.keyframe_interval):
+            n = min(self.keyframe_interval, frames - start)
+            total += self.latent_channels * (1 + math.ceil((n - 1) / 4)) * h * w
+        return total
+

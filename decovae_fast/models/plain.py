@@ -1,0 +1,120 @@
+"""PlainCausalVAE: the ablation baseline. One RGB encoder (causal 3-D, 4x temporal, 8x spatial) and
+DeCo-VAE's decoder trunk, coded in the same independent segments of keyframe_interval frames
+(no adaptive cuts). A segment of 1 + 4k frames gives 1 + k latent frames: the first frame is fed to
+the encoder 4 times (so it fills a whole temporal group, as causal video VAEs do with their first
+frame), the others in groups of 4. In the DeCoLatent, `keyframe` holds each segment's first latent
+frame and `residual` its other latent frames (RGB content here, not a residual); motion is None.
+"""
+from __future__ import annotations
+
+import torch
+
+from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_video, split_gops
+from decovae_fast.models.config import PlainVAEConfig
+from decovae_fast.models.decoder import DecoderTrunk
+from decovae_fast.models.encoders import Encoder
+from decovae_fast.models.latent import DeCoLatent, DiagonalGaussian
+from decovae_fast.models.layers import StreamCache, replicate_pad
+
+
+class PlainCausalVAE(VideoVAEBase):
+    config_class = PlainVAEConfig
+    spatial_compression_ratio = 8
+
+    def __init__(self, config: PlainVAEConfig | None = None):
+        config = PlainVAEConfig() if config is None else config
+        super().__init__(config)
+        c = config
+        self.encoder = Encoder(3, c.latent_channels, c.encoder_channels, c.encoder_blocks, (1, 3, 3), stem=2,
+                               time_down=(True, True))
+        self.decoder = DecoderTrunk(c.latent_channels, c.latent_channels, c.latent_channels, 3,
+                                    c.decoder_channels, c.decoder_blocks)
+
+    def _encode(self, x, caches, tiles):
+        return self._tiled(lambda f, i: self.encoder(f, caches.setdefault(i, StreamCache())), [(x, 1)], 8, tiles)
+
+    def encode_stream(self, chunks):
+        """Yield one DeCoLatent piece per segment from an iterable of (B, 3, t, H, W) chunks."""
+        seg, size = None, None
+        for chunk in chunks:
+            check_video(chunk, "chunk")
+            if size is None:
+                size = (chunk.shape[0], chunk.shape[3], chunk.shape[4])
+            elif (chunk.shape[0], chunk.shape[3], chunk.shape[4]) != size:
+                raise ValueError(f"chunk of shape {tuple(chunk.shape)} does not match the first chunk's "
+                                 f"batch and frame size {size}")
+            x = replicate_pad(chunk.to(self.dtype), 8)
+            tiles = self._tiles(x.shape[3], x.shape[4])
+            i = 0
+            while i < x.shape[2]:
+                if seg is None:
+                    first = x[:, :, i:i + 1]
+                    caches = {}
+                    seg = {"n": 1, "caches": caches, "tiles": tiles, "pending": [],
+                           "first": self._encode(first.expand(-1, -1, 4, -1, -1), caches, tiles), "inner": []}
+                    i += 1
+                    continue
+                room = self.config.keyframe_interval - seg["n"]
+                if room == 0:
+                    yield self._finish(seg, size)
+                    seg = None
+                    continue
+                part = x[:, :, i:i + room]
+                seg["n"] += part.shape[2]
+                i += part.shape[2]
+                buf = torch.cat(seg["pending"] + [part], 2)
+                full = buf.shape[2] // 4 * 4
+                if full:
+                    seg["inner"].append(self._encode(buf[:, :, :full], seg["caches"], tiles))
+                seg["pending"] = [buf[:, :, full:]] if full < buf.shape[2] else []
+        if seg is None:
+            raise ValueError("no frames to encode")
+        yield self._finish(seg, size)
+
+    def _finish(self, seg, size):
+        if seg["pending"]:
+            buf = seg["pending"][0]
+            buf = torch.cat([buf, buf[:, :, -1:].expand(-1, -1, 4 - buf.shape[2], -1, -1)], 2)
+            seg["inner"].append(self._encode(buf, seg["caches"], seg["tiles"]))
+        first = seg["first"]
+        inner = torch.cat([first[:, :, :0]] + seg["inner"], 2)
+        B, H, W = size
+        return DeCoLatent(DiagonalGaussian.from_moments(first), None, DiagonalGaussian.from_moments(inner), [0],
+                          seg["n"], H, W, info={"config_hash": self.config_hash()})
+
+    def _check_latent(self, latent: DeCoLatent) -> None:
+        ch = self.config.latent_channels
+        for name in ("keyframe", "residual"):
+            g = getattr(latent, name)
+            if g is None or g.mean.dim() != 5 or g.mean.shape[1] != ch:
+                raise ValueError(f"PlainCausalVAE latent needs a {name} part of shape (B, {ch}, T, h, w)")
+        if latent.keyframe.mean.shape[2] != len(latent.gop_starts):
+            raise ValueError(f"latent has {latent.keyframe.mean.shape[2]} first frames but {len(latent.gop_starts)} segments")
+        if latent.residual.mean.shape[2] != sum(latent.inner_steps()):
+            raise ValueError("latent frames do not match its segments")
+
+    def _decode_gop(self, n, first_z, _motion, inner_z, steps, height, width):
+        dt = self.dtype
+        first_z, inner_z = first_z.to(dt), inner_z.to(dt)
+        tiles = self._tiles(first_z.shape[3] * 8, first_z.shape[4] * 8)
+        caches = {}
+        img = self._tiled(lambda z, i: self.decoder.forward_first(z, caches.setdefault(i, StreamCache())),
+                          [(first_z, 8)], 1, tiles)
+        yield {"frames": img}
+        k, left = inner_z.shape[2], n - 1
+        steps = steps or max(k, 1)
+        for s in range(0, k, steps):
+            out = self._tiled(lambda z, ctx, i: self.decoder.forward_rest(z, ctx, caches.setdefault(i, StreamCache())),
+                              [(inner_z[:, :, s:s + steps], 8), (first_z, 8)], 1, tiles)[:, :, :left]
+            left -= out.shape[2]
+            yield {"frames": out}
+
+    def forward(self, video: torch.Tensor, sample_posterior: bool = False, generator=None) -> VAEOutput:
+        check_video(video)
+        H, W = video.shape[3:]
+        latent = DeCoLatent.concat(list(self.encode_stream([video])))
+        pick = (lambda g: g.sample(generator)) if sample_posterior else (lambda g: g.mode())
+        outs = []
+        for n, first, _, inner in split_gops(latent):
+            outs.extend(o["frames"] for o in self._decode_gop(n, pick(first), None, pick(inner), None, H, W))
+        return VAEOutput(torch.cat(outs, 2)[..., :H, :W], latent, {})
