@@ -57,4 +57,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m decovae_fast.cli` runs this file as __main__: call the importable module's main so
+    # that UserError raised by subcommands is the class main() catches.
+    from decovae_fast.cli import main as _main
+
+    sys.exit(_main())

