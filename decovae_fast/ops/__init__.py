@@ -14,6 +14,7 @@ from decovae_fast.ops._backend import BACKENDS, backend_for, backends, forced_ba
 
 if _ext.cpu_compiled():
     from decovae_fast.ops import _library  # noqa: F401  (fake kernels + autograd)
+    import decovae_fast.kernels  # noqa: F401  (registers Triton kernels for the CUDA key)
 
 __all__ = ["gaussian_volume", "warp_residual", "warp_add", "causal_conv3d", "backends", "use_backend",
            "backend_for", "forced_backend", "implements", "BACKENDS", "reference"]

@@ -1,0 +1,397 @@
+// CPU kernels of the scale-space warp (DESIGN.md ops 2-4): warp_residual, warp_add and their shared
+// backward warp_sample_backward. Semantics are those of decovae_fast/ops/reference.py.
+//
+// Per output row (b, t, y) the kernels first turn the row's motion into corner offsets and weights
+// (one vectorisable pass), then trilinearly sample the volume, so the frames/residual and motion
+// are streamed once. The forward samples a channel-interleaved copy of the volume (pack_volume);
+// the backward reads the volume as it is.
+// Math is in fp32 (fp64 for fp64 inputs). The backward scatters into one fp32 partial volume
+// gradient per work chunk; chunks are a fixed split of the rows and are summed in chunk order, so
+// the result is bitwise reproducible for a given thread count (no atomics).
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <limits>
+#include <vector>
+
+namespace {
+
+struct Dims {
+  int64_t B, C, T, D, H, W;
+};
+
+Dims check_warp_args(const at::Tensor& volume, const at::Tensor& motion, const at::Tensor& frames,
+                     const char* frames_name) {
+  TORCH_CHECK(volume.dim() == 5, "volume must be (B, C, L+1, H, W), got shape ", volume.sizes());
+  TORCH_CHECK(motion.dim() == 5, "motion must be (B, 3, T, H, W), got shape ", motion.sizes());
+  TORCH_CHECK(frames.dim() == 5, frames_name, " must be (B, C, T, H, W), got shape ", frames.sizes());
+  Dims d{frames.size(0), frames.size(1), frames.size(2), volume.size(2), frames.size(3), frames.size(4)};
+  TORCH_CHECK(volume.size(0) == d.B && volume.size(1) == d.C && volume.size(3) == d.H && volume.size(4) == d.W,
+              "volume shape ", volume.sizes(), " does not match ", frames_name, " shape ", frames.sizes());
+  TORCH_CHECK(motion.size(0) == d.B && motion.size(1) == 3 && motion.size(2) == d.T && motion.size(3) == d.H &&
+                  motion.size(4) == d.W,
+              "motion must have shape (B, 3, T, H, W) matching ", frames_name, ", got ", motion.sizes());
+  TORCH_CHECK(d.D >= 1, "volume must have at least one level, got shape ", volume.sizes());
+  TORCH_CHECK(volume.scalar_type() == frames.scalar_type(), "volume dtype ", volume.scalar_type(),
+              " differs from ", frames_name, " dtype ", frames.scalar_type());
+  TORCH_CHECK(at::isFloatingType(volume.scalar_type()) && at::isFloatingType(motion.scalar_type()),
+              "volume and motion must be floating point");
+  TORCH_CHECK(volume.device().is_cpu() && motion.device().is_cpu() && frames.device().is_cpu(),
+              "the CPU warp kernels need CPU tensors");
+  TORCH_CHECK(d.D * d.H * (d.W + 1) < std::numeric_limits<int32_t>::max(),
+              "volume planes of more than 2^31 elements are not supported, got shape ", volume.sizes());
+  return d;
+}
+
+// Motion is read either in the volume's dtype or in fp32 (fp32 flow beside fp16/bf16 frames).
+at::Tensor motion_operand(const at::Tensor& motion, const at::Tensor& volume) {
+  if (motion.scalar_type() == volume.scalar_type() || motion.scalar_type() == at::kFloat) {
+    return motion.contiguous();
+  }
+  return motion.to(volume.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+// Border-clamped linear interpolation along one axis, as reference._axis: c = clamp(coord, 0, n-1),
+// lo = floor(c), hi = min(lo+1, n-1), w = c - lo. NaN maps to 0 so indices always stay in range.
+// `pass` is the reference's gradient mask: torch.clamp with scalar bounds gives a zero gradient
+// where coord equals a bound, not only beyond it.
+template <typename acc_t>
+inline void axis(acc_t coord, int n, int& lo, int& step, acc_t& w, acc_t& pass) {
+  const acc_t top = acc_t(n - 1);
+  pass = (coord > acc_t(0) && coord < top) ? acc_t(1) : acc_t(0);
+  acc_t c = coord > acc_t(0) ? coord : acc_t(0);
+  c = c < top ? c : top;
+  lo = static_cast<int>(c);  // c >= 0: truncation is floor
+  w = c - static_cast<acc_t>(lo);
+  step = lo + 1 < n ? 1 : 0;  // hi = lo + step
+}
+
+// Corner offsets and weights of one row of sample points, for a volume with the given row and
+// plane strides (in pixels). For corner (s, y) the offset is base[s*2+y][x]; x1 = x0 + dx[x].
+template <typename acc_t>
+struct RowTaps {
+  std::vector<int32_t> base[4], dx;
+  std::vector<acc_t> wx, wy, ws, px, py, ps;
+  explicit RowTaps(int64_t W) : dx(W), wx(W), wy(W), ws(W), px(W), py(W), ps(W) {
+    for (auto& b : base) b.resize(W);
+  }
+
+  template <typename motion_t>
+  void fill(const motion_t* __restrict mu, const motion_t* __restrict mv, const motion_t* __restrict ms, int y,
+            int D, int H, int W, int32_t row_stride, int32_t plane_stride) {
+    int32_t* __restrict b00 = base[0].data();
+    int32_t* __restrict b01 = base[1].data();
+    int32_t* __restrict b10 = base[2].data();
+    int32_t* __restrict b11 = base[3].data();
+    int32_t* __restrict dxp = dx.data();
+    acc_t* __restrict wxp = wx.data();
+    acc_t* __restrict wyp = wy.data();
+    acc_t* __restrict wsp = ws.data();
+    acc_t* __restrict pxp = px.data();
+    acc_t* __restrict pyp = py.data();
+    acc_t* __restrict psp = ps.data();
+    const acc_t fy = static_cast<acc_t>(y);
+#pragma omp simd
+    for (int x = 0; x < W; ++x) {
+      int x0, sx, y0, sy, s0, ss;
+      acc_t ax, ay, as, qx, qy, qs;
+      axis<acc_t>(static_cast<acc_t>(x) + static_cast<acc_t>(mu[x]), W, x0, sx, ax, qx);
+      axis<acc_t>(fy + static_cast<acc_t>(mv[x]), H, y0, sy, ay, qy);
+      axis<acc_t>(static_cast<acc_t>(ms[x]), D, s0, ss, as, qs);
+      const int32_t r0 = s0 * plane_stride + y0 * row_stride + x0;
+      b00[x] = r0;
+      b01[x] = r0 + sy * row_stride;
+      b10[x] = r0 + ss * plane_stride;
+      b11[x] = r0 + ss * plane_stride + sy * row_stride;
+      dxp[x] = sx;
+      wxp[x] = ax;
+      wyp[x] = ay;
+      wsp[x] = as;
+      pxp[x] = qx;
+      pyp[x] = qy;
+      psp[x] = qs;
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
+  return a + w * (b - a);
+}
+
+// The forward reads the volume repacked as (B, D, H, W+1, Cp) in acc_t: the channels of a pixel
+// (Cp = C rounded up to 4) are contiguous and each row carries a copy of its last column, so the
+// two x-neighbours of a corner row are one contiguous run of 2*Cp values, read without a gather,
+// even at the right border (x1 = x0). Costs one pass over the volume; the frames dominate.
+constexpr int kLanes = 4;
+typedef float v4f __attribute__((vector_size(16)));  // GCC/Clang vector extension, any ISA
+
+template <typename scalar_t, typename acc_t>
+at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
+  const int64_t W1 = d.W + 1, HW = d.H * d.W;
+  at::Tensor packed = at::empty({d.B, d.D, d.H, W1, Cp},
+                                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* pk = packed.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, d.B * d.D * d.H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (d.D * d.H), sy = row % (d.D * d.H);  // sy = s * H + y
+      acc_t* dst = pk + row * W1 * Cp;
+      for (int64_t c = 0; c < Cp; ++c) {
+        if (c < d.C) {
+          const scalar_t* src = vol + (b * d.C + c) * d.D * HW + sy * d.W;
+          for (int64_t x = 0; x < d.W; ++x) dst[x * Cp + c] = static_cast<acc_t>(src[x]);
+          dst[d.W * Cp + c] = static_cast<acc_t>(src[d.W - 1]);
+        } else {
+          for (int64_t x = 0; x < W1; ++x) dst[x * Cp + c] = acc_t(0);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// out = frames - sample (kAdd false) or residual + sample (kAdd true).
+template <typename scalar_t, typename motion_t, bool kAdd>
+void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_t* frames, scalar_t* out,
+                         const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
+  const int D = d.D, H = d.H, W = d.W;
+  const int64_t Cp = (d.C + kLanes - 1) / kLanes * kLanes;
+  const at::Tensor packed = pack_volume<scalar_t, acc_t>(vol, d, Cp);
+  const acc_t* pk_all = packed.const_data_ptr<acc_t>();
+  const int32_t row_stride = W + 1, plane_stride = H * (W + 1);
+  const int corners = D == 1 ? 2 : 4;  // L = 0: plain bilinear
+  // Rows in (b, y, t) order: the T frames of one image row sample nearby volume rows, which then
+  // stay in cache (a (b, t, y) order sweeps the whole volume once per frame).
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    RowTaps<acc_t> taps(W);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (d.T * d.H), t = row % d.T;
+      const int y = static_cast<int>((row / d.T) % d.H);
+      const motion_t* mu = mot + (b * 3 * d.T + t) * HW + y * W;
+      taps.fill(mu, mu + d.T * HW, mu + 2 * d.T * HW, y, D, H, W, row_stride, plane_stride);
+      const acc_t* pk = pk_all + b * D * plane_stride * Cp;
+      const int64_t o = (b * d.C * d.T + t) * HW + y * W;  // channel 0 of this row
+      const int64_t cstride = d.T * HW;
+      for (int x = 0; x < W; ++x) {
+        const acc_t fx = taps.wx[x], fy = taps.wy[x], fs = taps.ws[x];
+        const acc_t wr[4] = {(1 - fs) * (1 - fy), (1 - fs) * fy, fs * (1 - fy), fs * fy};
+        const acc_t* p[4];
+        for (int r = 0; r < 4; ++r) p[r] = pk + static_cast<int64_t>(taps.base[r][x]) * Cp;
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (Cp == kLanes) {  // C <= 4 in fp32 math: one 4-lane vector per x-neighbour
+            v4f lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+            for (int r = 0; r < corners; ++r) {
+              v4f q0, q1;
+              std::memcpy(&q0, p[r], sizeof(v4f));
+              std::memcpy(&q1, p[r] + kLanes, sizeof(v4f));
+              lo += (wr[r] * (1 - fx)) * q0;
+              hi += (wr[r] * fx) * q1;
+            }
+            const v4f pred = lo + hi;
+            for (int j = 0; j < d.C; ++j) {
+              const int64_t i = o + j * cstride + x;
+              const acc_t fv = static_cast<acc_t>(frames[i]);
+              out[i] = static_cast<scalar_t>(kAdd ? fv + pred[j] : fv - pred[j]);
+            }
+            continue;
+          }
+        }
+        for (int64_t g = 0; g < Cp; g += kLanes) {
+          acc_t lo[kLanes] = {}, hi[kLanes] = {};
+          for (int r = 0; r < corners; ++r) {
+            const acc_t a = wr[r] * (1 - fx), bw = wr[r] * fx;
+            const acc_t* q = p[r] + g;
+#pragma GCC unroll 4
+            for (int j = 0; j < kLanes; ++j) {
+              lo[j] += a * q[j];
+              hi[j] += bw * q[Cp + j];
+            }
+          }
+          for (int j = 0; j < kLanes && g + j < d.C; ++j) {
+            const int64_t i = o + (g + j) * cstride + x;
+            const acc_t fv = static_cast<acc_t>(frames[i]);
+            const acc_t pred = lo[j] + hi[j];
+            out[i] = static_cast<scalar_t>(kAdd ? fv + pred : fv - pred);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <bool kAdd>
+at::Tensor warp_forward(const at::Tensor& volume_in, const at::Tensor& motion_in, const at::Tensor& frames_in,
+                        const char* frames_name) {
+  const Dims d = check_warp_args(volume_in, motion_in, frames_in, frames_name);
+  const at::Tensor volume = volume_in.contiguous();
+  const at::Tensor frames = frames_in.contiguous();
+  const at::Tensor motion = motion_operand(motion_in, volume);
+  at::Tensor out = at::empty(frames.sizes(), frames.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_forward", [&] {
+    if (motion.scalar_type() == volume.scalar_type()) {
+      warp_forward_kernel<scalar_t, scalar_t, kAdd>(volume.const_data_ptr<scalar_t>(),
+                                                    motion.const_data_ptr<scalar_t>(),
+                                                    frames.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), d);
+    } else {
+      warp_forward_kernel<scalar_t, float, kAdd>(volume.const_data_ptr<scalar_t>(), motion.const_data_ptr<float>(),
+                                                 frames.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), d);
+    }
+  });
+  return out;
+}
+
+at::Tensor warp_residual_cpu(const at::Tensor& volume, const at::Tensor& motion, const at::Tensor& frames) {
+  return warp_forward<false>(volume, motion, frames, "frames");
+}
+
+at::Tensor warp_add_cpu(const at::Tensor& volume, const at::Tensor& motion, const at::Tensor& residual) {
+  return warp_forward<true>(volume, motion, residual, "residual");
+}
+
+// Gradients of sum(g * sample(volume, motion)). grad_vol_parts holds `chunks` partial volume
+// gradients (acc_t, each B*C*D*H*W); chunk k covers rows [k*rows/chunks, (k+1)*rows/chunks).
+template <typename scalar_t, typename motion_t>
+void warp_backward_kernel(const scalar_t* grad, const scalar_t* vol, const motion_t* mot,
+                          at::opmath_type<scalar_t>* grad_vol_parts, motion_t* grad_mot, int64_t chunks,
+                          const Dims& d) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H, vol_numel = d.B * d.C * d.D * HW;
+  const int D = d.D, H = d.H, W = d.W;
+  at::parallel_for(0, chunks, 1, [&](int64_t kbegin, int64_t kend) {
+    RowTaps<acc_t> taps(W);
+    std::vector<acc_t> gu(W), gv(W), gs(W);
+    for (int64_t k = kbegin; k < kend; ++k) {
+      acc_t* gvol = grad_vol_parts ? grad_vol_parts + k * vol_numel : nullptr;
+      for (int64_t row = k * rows / chunks; row < (k + 1) * rows / chunks; ++row) {
+        const int64_t b = row / (d.T * d.H), t = (row / d.H) % d.T;
+        const int y = static_cast<int>(row % d.H);
+        const int64_t mo = (b * 3 * d.T + t) * HW + y * W;
+        taps.fill(mot + mo, mot + mo + d.T * HW, mot + mo + 2 * d.T * HW, y, D, H, W, W, H * W);
+        std::fill(gu.begin(), gu.end(), acc_t(0));
+        std::fill(gv.begin(), gv.end(), acc_t(0));
+        std::fill(gs.begin(), gs.end(), acc_t(0));
+        for (int64_t c = 0; c < d.C; ++c) {
+          const int64_t vo = (b * d.C + c) * D * HW;
+          const scalar_t* v = vol + vo;
+          const scalar_t* g = grad + ((b * d.C + c) * d.T + t) * HW + y * W;
+          acc_t* gvc = gvol ? gvol + vo : nullptr;
+          for (int x = 0; x < W; ++x) {
+            const int32_t i00 = taps.base[0][x], i01 = taps.base[1][x];
+            const int32_t i10 = taps.base[2][x], i11 = taps.base[3][x], dx = taps.dx[x];
+            const acc_t fx = taps.wx[x], fy = taps.wy[x], fs = taps.ws[x];
+            const acc_t gx = static_cast<acc_t>(g[x]);
+            if (grad_mot) {
+              const acc_t v000 = v[i00], v001 = v[i00 + dx], v010 = v[i01], v011 = v[i01 + dx];
+              const acc_t v100 = v[i10], v101 = v[i10 + dx], v110 = v[i11], v111 = v[i11 + dx];
+              const acc_t a0 = lerp(v000, v001, fx), a1 = lerp(v010, v011, fx);
+              const acc_t b0 = lerp(v100, v101, fx), b1 = lerp(v110, v111, fx);
+              const acc_t dwx = (acc_t(1) - fs) * lerp(v001 - v000, v011 - v010, fy) +
+                                fs * lerp(v101 - v100, v111 - v110, fy);
+              const acc_t dwy = (acc_t(1) - fs) * (a1 - a0) + fs * (b1 - b0);
+              const acc_t dws = lerp(b0, b1, fy) - lerp(a0, a1, fy);
+              gu[x] += gx * dwx;
+              gv[x] += gx * dwy;
+              gs[x] += gx * dws;
+            }
+            if (gvc) {
+              const acc_t g0 = gx * (acc_t(1) - fs), g1 = gx * fs;
+              const acc_t g00 = g0 * (acc_t(1) - fy), g01 = g0 * fy, g10 = g1 * (acc_t(1) - fy), g11 = g1 * fy;
+              gvc[i00] += g00 * (acc_t(1) - fx);
+              gvc[i00 + dx] += g00 * fx;
+              gvc[i01] += g01 * (acc_t(1) - fx);
+              gvc[i01 + dx] += g01 * fx;
+              gvc[i10] += g10 * (acc_t(1) - fx);
+              gvc[i10 + dx] += g10 * fx;
+              gvc[i11] += g11 * (acc_t(1) - fx);
+              gvc[i11 + dx] += g11 * fx;
+            }
+          }
+        }
+        if (grad_mot) {
+          motion_t* du = grad_mot + mo;
+          motion_t* dv = du + d.T * HW;
+          motion_t* ds = dv + d.T * HW;
+          for (int x = 0; x < W; ++x) {
+            du[x] = static_cast<motion_t>(gu[x] * taps.px[x]);
+            dv[x] = static_cast<motion_t>(gv[x] * taps.py[x]);
+            ds[x] = static_cast<motion_t>(gs[x] * taps.ps[x]);
+          }
+        }
+      }
+    }
+  });
+}
+
+// grad_volume = sum of the partial gradients, in chunk order.
+template <typename scalar_t>
+void reduce_parts(const at::opmath_type<scalar_t>* parts, int64_t chunks, int64_t n, scalar_t* out) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      at::opmath_type<scalar_t> s = parts[i];
+      for (int64_t k = 1; k < chunks; ++k) s += parts[k * n + i];
+      out[i] = static_cast<scalar_t>(s);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> warp_sample_backward_cpu(const at::Tensor& grad_prediction,
+                                                            const at::Tensor& volume_in, const at::Tensor& motion_in,
+                                                            bool volume_grad, bool motion_grad) {
+  const Dims d = check_warp_args(volume_in, motion_in, grad_prediction, "grad_prediction");
+  const at::Tensor volume = volume_in.contiguous();
+  const at::Tensor grad = grad_prediction.contiguous();
+  const at::Tensor motion = motion_operand(motion_in, volume);
+  const auto contig = at::MemoryFormat::Contiguous;
+  const int64_t rows = d.B * d.T * d.H;
+  const bool empty = grad.numel() == 0;
+  // Gradients not asked for are returned as zeros (the schema always returns two tensors).
+  at::Tensor grad_volume = (volume_grad && !empty) ? at::empty(volume.sizes(), volume.options().memory_format(contig))
+                                                   : at::zeros(volume.sizes(), volume.options().memory_format(contig));
+  at::Tensor grad_motion = (motion_grad && !empty) ? at::empty(motion.sizes(), motion.options().memory_format(contig))
+                                                   : at::zeros(motion.sizes(), motion.options().memory_format(contig));
+  if (empty || !(volume_grad || motion_grad)) {
+    return {grad_volume, grad_motion.to(motion_in.scalar_type())};
+  }
+  // One partial volume gradient per thread-sized chunk of rows, summed in a fixed order.
+  const int64_t chunks = volume_grad ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)) : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_sample_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    at::Tensor parts;
+    acc_t* parts_ptr = nullptr;
+    if (volume_grad) {
+      parts = at::zeros({chunks, volume.numel()}, volume.options().dtype(acc_type));
+      parts_ptr = parts.mutable_data_ptr<acc_t>();
+    }
+    if (motion.scalar_type() == volume.scalar_type()) {
+      warp_backward_kernel<scalar_t, scalar_t>(grad.const_data_ptr<scalar_t>(), volume.const_data_ptr<scalar_t>(),
+                                               motion.const_data_ptr<scalar_t>(), parts_ptr,
+                                               motion_grad ? grad_motion.mutable_data_ptr<scalar_t>() : nullptr,
+                                               chunks, d);
+    } else {
+      warp_backward_kernel<scalar_t, float>(grad.const_data_ptr<scalar_t>(), volume.const_data_ptr<scalar_t>(),
+                                            motion.const_data_ptr<float>(), parts_ptr,
+                                            motion_grad ? grad_motion.mutable_data_ptr<float>() : nullptr, chunks, d);
+    }
+    if (volume_grad) {
+      reduce_parts<scalar_t>(parts_ptr, chunks, volume.numel(), grad_volume.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return {grad_volume, grad_motion.to(motion_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decovae, CPU, m) {
+  m.impl("warp_residual", &warp_residual_cpu);
+  m.impl("warp_add", &warp_add_cpu);
+  m.impl("warp_sample_backward", &warp_sample_backward_cpu);
+}
