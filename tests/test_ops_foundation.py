@@ -247,3 +247,31 @@ def test_gaussian_volume_bad_use():
         ops.gaussian_volume(torch.zeros(1, 3, 4, 4), levels=-1)
     with pytest.raises(ValueError, match="sigma0"):
         ops.gaussian_volume(torch.zeros(1, 3, 4, 4), sigma0=0.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_ext)])
+def test_ops_run_under_inference_mode(backend):
+    """Users call encoders under torch.inference_mode(); kernels must not lose it in worker threads."""
+    g = torch.Generator().manual_seed(3)
+    key = torch.randn(1, 3, 20, 24, generator=g)
+    mot = torch.randn(1, 3, 5, 20, 24, generator=g)
+    fr = torch.randn(1, 3, 5, 20, 24, generator=g)
+    x = torch.randn(1, 32, 5, 20, 24, generator=g)
+    w = torch.randn(32, 32, 3, 3, 3, generator=g) * 0.05
+    nw = torch.ones(32)
+
+    def run():
+        vol = ops.gaussian_volume(key, 3, 1.0)
+        res = ops.warp_residual(vol, mot, fr)
+        out = ops.warp_add(vol, mot, res)
+        y1, _ = ops.causal_conv3d(x, w, norm_weight=nw, prologue_silu=True)  # Winograd path
+        y2, _ = ops.causal_conv3d(x, w, stride=(1, 2, 2))  # implicit-GEMM path
+        return out, y1, y2
+
+    with ops.use_backend(backend):
+        with torch.no_grad():
+            want = run()
+        with torch.inference_mode():
+            got = run()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -245,6 +245,17 @@ inline float fast_exp(float v) {
 
 inline float silu(float v) { return v / (1.f + fast_exp(-v)); }
 
+// at::parallel_for's worker threads do not inherit the caller's InferenceMode, and ATen calls in
+// them (mm_out into buffers made under it) would fail: each worker re-enters the caller's mode.
+template <typename F>
+void parallel_units(int64_t n, const F& body) {
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, n, 1, [&](int64_t u0, int64_t u1) {
+    c10::InferenceMode guard(inference);
+    body(u0, u1);
+  });
+}
+
 // U[pos][co][dt * Cin + ci] = (G g G^T)[pos] for g = weight[co, ci, dt]: the K index (dt, ci)
 // matches the frame-major layout of the transformed input.
 Tensor transform_weight(const Tensor& weight) {
@@ -503,7 +514,7 @@ void winograd_forward(const Geometry& g, const Tensor& x, const Tensor& weight, 
   const int64_t blocks = (tiling.rows + pb.block_rows - 1) / pb.block_rows;
   // One parallel region per call: each unit runs start to end on one thread (few barriers, which
   // matters on a shared machine where a descheduled thread stalls every barrier).
-  at::parallel_for(0, g.B * blocks, 1, [&](int64_t u0, int64_t u1) {
+  parallel_units(g.B * blocks, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) Unit<scalar_t>(pb, u / blocks, (u % blocks) * pb.block_rows).run();
   });
 }
@@ -552,7 +563,7 @@ void implicit_gemm_forward(const Geometry& g, const Tensor& x, const Tensor& wei
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  parallel_units(blocks, [&](int64_t b0, int64_t b1) {
     const int64_t Nb = rows_per_block * g.Wo;
     Tensor col = at::zeros({K, Nb}, wf.options()), out = at::empty({g.Cout, Nb}, wf.options());
     float* cl = col.data_ptr<float>();
