@@ -1,6 +1,8 @@
 """Pipeline rows of the benchmark: encode and decode frames/s, peak memory and latent size of
 DeCo-VAE (tiny, base) and of the diffusers peers (Wan 2.1, CogVideoX, LTX-Video VAEs with their
-default configs and random weights: random weights cost the same time as trained ones).
+default configs and random weights: random weights cost the same time as trained ones), and the
+streaming rows of tiny (stream.tiny: the command line's chunked encode -> decode at a short and a long
+frame count, for bounded memory).
 
 Each model runs in its own worker process, so that its peak memory is its own, and the parent asks
 the workers for one call at a time, in turn, so drift of the machine hits every model alike.
@@ -18,6 +20,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import math
 import os
 import re
 import statistics
@@ -101,28 +104,38 @@ def _decovae_backend(device: torch.device) -> str:
     return "mixed(" + ",".join(f"{op}={b}" for op, b in chosen.items()) + ")"
 
 
+def decovae_model(model: str, device: torch.device):
+    """(DeCoVAE in eval mode, notes): `tiny` with the bundled weights when decovae_fast/weights/tiny/
+    exists, otherwise (and for `base`) random weights with adaptive keyframes off."""
+    from decovae_fast.models import DeCoVAE, DeCoVAEConfig, load_pretrained
+    from decovae_fast.models.pretrained import BUNDLED
+
+    m = None
+    weights = "random"
+    if model == "tiny":
+        weights = "random (no bundled weights found)"
+        if BUNDLED.is_dir():
+            try:
+                m = load_pretrained()
+                weights = "bundled trained weights"
+            except FileNotFoundError:  # a bundle being written right now: config.json comes last
+                weights = "random (bundled weights incomplete)"
+    if m is None:
+        m = DeCoVAE(DeCoVAEConfig.tiny() if model == "tiny" else DeCoVAEConfig.base())
+    notes = {"weights": weights, "backend": _decovae_backend(device)}
+    if weights.startswith("random") and m.config.scene_cut_threshold is not None:
+        # An untrained motion estimator fails every warp, so adaptive keyframes would cut a GOP
+        # every few frames: a latent size and a cost no trained model has. Cut at the interval only.
+        m.config.scene_cut_threshold = None
+        notes["adaptive_keyframes"] = "off (random weights)"
+    notes["params"] = sum(p.numel() for p in m.parameters())
+    return m.to(device).eval(), notes
+
+
 def build(model: str, device: torch.device):
     """(encode(video) -> latent, decode(latent) -> video, latent_elements(latent), notes dict)."""
     if model in DECOVAE_MODELS:
-        from decovae_fast.models import DeCoVAE, DeCoVAEConfig
-
-        weights = "random"
-        if model == "tiny":
-            try:
-                m = DeCoVAE.from_pretrained()
-                weights = "bundled trained weights"
-            except FileNotFoundError:
-                m = DeCoVAE(DeCoVAEConfig.tiny())
-                weights = "random (no bundled weights found)"
-        else:
-            m = DeCoVAE(DeCoVAEConfig.base())
-        notes = {"weights": weights, "backend": _decovae_backend(device)}
-        if weights.startswith("random") and m.config.scene_cut_threshold is not None:
-            # An untrained motion estimator fails every warp, so adaptive keyframes would cut a GOP
-            # every few frames: a latent size and a cost no trained model has. Cut at the interval only.
-            m.config.scene_cut_threshold = None
-            notes["adaptive_keyframes"] = "off (random weights)"
-        m = m.to(device).eval()
+        m, notes = decovae_model(model, device)
 
         def encode(v):
             return m.encode(v)
@@ -148,7 +161,7 @@ def build(model: str, device: torch.device):
 
         def numel(z):
             return int(z.numel())
-    notes["params"] = sum(p.numel() for p in m.parameters())
+        notes["params"] = sum(p.numel() for p in m.parameters())
     return encode, decode, numel, notes
 
 
@@ -236,10 +249,12 @@ def worker(spec: dict) -> None:
 
 
 class Worker:
-    def __init__(self, model: str, device: torch.device, input_path: str, env: dict | None = None):
-        self.model = model
-        spec = json.dumps({"model": model, "device": str(device), "input": input_path})
-        self.proc = subprocess.Popen([sys.executable, "-m", "decovae_fast.bench_pipeline", spec],
+    """A worker process running worker(spec) (or stream_worker(spec) for {"mode": "stream"}); its
+    first protocol line is kept as .ready."""
+
+    def __init__(self, label: str, spec: dict, env: dict | None = None):
+        self.model = label
+        self.proc = subprocess.Popen([sys.executable, "-m", "decovae_fast.bench_pipeline", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, **(env or {})})
         self.ready = self._read()
@@ -256,6 +271,10 @@ class Worker:
         self.proc.stdin.flush()
         return self._read()
 
+    def close_and_ready(self) -> dict:
+        self.close()
+        return self.ready
+
     def close(self) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
             self.proc.stdin.write("quit\n")
@@ -264,6 +283,140 @@ class Worker:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+# ---- streaming rows -----------------------------------------------------------------------------
+# stream.tiny: the command line's file-to-file path (decovae reconstruct) with the file I/O left out:
+# frames fed to encode_stream in chunks from an iterator, its latent pieces fed straight to
+# decode_stream, every decoded chunk dropped as it comes. Run at a short and a long frame count, its
+# peak memory shows whether streaming really holds memory bounded by one GOP.
+
+def moving_texture(T: int, H: int, W: int, chunk: int, device: torch.device):
+    """Yield (1, 3, t, H, W) chunks (t <= chunk) of T frames in [-1, 1], made as they are asked for
+    (the clip never exists whole): a window panning along a Lissajous path over a smooth texture, at
+    up to ~3 pixels per frame, so every frame moves and the path never runs off the texture."""
+    gen = torch.Generator().manual_seed(0)
+    pad = 32
+    tex = F.interpolate(torch.rand(1, 3, H // 8 + 4, W // 8 + 4, generator=gen), size=(H + 2 * pad, W + 2 * pad),
+                        mode="bicubic", align_corners=False)[0].clamp(0, 1) * 2 - 1
+    for start in range(0, T, chunk):
+        crops = []
+        for t in range(start, min(T, start + chunk)):
+            oy = pad + round((pad - 1) * math.sin(2 * math.pi * t / 97))
+            ox = pad + round((pad - 1) * math.sin(2 * math.pi * t / 61))
+            crops.append(tex[:, oy:oy + H, ox:ox + W])
+        yield torch.stack(crops, dim=1).unsqueeze(0).to(device)
+
+
+def stream_round_trip(model, chunks) -> dict:
+    """encode_stream -> decode_stream over `chunks`, decoded chunks dropped; returns frames,
+    latent_elements, gops, encode_s (includes making the input chunks) and total_s."""
+    stats = {"frames": 0, "latent_elements": 0, "gops": 0, "encode_s": 0.0}
+
+    def pieces():
+        it = iter(model.encode_stream(chunks))
+        while True:
+            t0 = time.perf_counter()
+            piece = next(it, None)
+            stats["encode_s"] += time.perf_counter() - t0
+            if piece is None:
+                return
+            stats["latent_elements"] += int(piece.numel())
+            stats["gops"] += len(piece.gop_starts)
+            yield piece
+
+    t0 = time.perf_counter()
+    for out in model.decode_stream(pieces()):
+        stats["frames"] += out.shape[2]
+        del out  # a file writer would write it and let it go
+    stats["total_s"] = time.perf_counter() - t0
+    return stats
+
+
+def stream_worker(spec: dict) -> None:
+    """Build tiny, stream one GOP's worth of frames once to warm up, then stream each frame count of
+    spec["frames"] in turn, each with its peak memory above the memory in use just before it; one
+    protocol line with {"notes", "runs": [{"frames", "ms", "peak_mb", "latent_elements", ...}]}."""
+    sys.stdout = sys.stderr
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    m, notes = decovae_model(spec["model"], device)
+    chunk = m.config.keyframe_interval  # the command line's default chunk
+    H, W = spec["height"], spec["width"]
+    notes.update(chunk_frames=chunk, input="moving texture made chunk by chunk (pan on a Lissajous path)")
+    runs = []
+    with torch.no_grad():
+        stream_round_trip(m, moving_texture(min(chunk, max(spec["frames"])), H, W, chunk, device))
+        for T in spec["frames"]:
+            ms, peak, stats = measured_call(lambda: stream_round_trip(m, moving_texture(T, H, W, chunk, device)),
+                                            device)
+            if stats["frames"] != T:
+                raise RuntimeError(f"streaming {T} frames decoded {stats['frames']}")
+            runs.append(dict(stats, ms=ms, peak_mb=peak))
+    _send({"notes": notes, "runs": runs})
+
+
+# glibc's default malloc raises its mmap threshold each time it frees a mapped buffer, after which
+# buffers of that size come from the heap and stay there, fragmented: peak RSS then creeps up over a
+# long run by an amount that varies from run to run, although nothing is held. A fixed threshold (set
+# at process start) turns that off, so the allocator check shows the model's own memory.
+FIXED_MMAP_THRESHOLD = "glibc.malloc.mmap_threshold=131072"
+
+
+def _stream_runs(device, H, W, counts, env=None) -> dict:
+    return Worker(f"stream.tiny {H}x{W}", {"mode": "stream", "model": "tiny", "device": str(device),
+                                           "frames": counts, "height": H, "width": W}, env).close_and_ready()
+
+
+def run_stream(plan, log=lambda msg: None) -> tuple[list[dict], dict]:
+    """Rows stream.tiny, one per (T, H, W) of plan.stream_shapes; each frame size in one worker
+    process, its frame counts in ascending order after one warm-up GOP, so every measured call
+    follows a call of the same frame size. With plan.stream_allocator_check (on a CPU, GLIBC_TUNABLES
+    unset) the same runs again with a fixed mmap threshold: their peaks go to the notes."""
+    from decovae_fast.benchmark import _r, row
+
+    device = plan.device
+    sizes = {}
+    for T, H, W in plan.stream_shapes:
+        sizes.setdefault((H, W), []).append(T)
+    check = plan.stream_allocator_check and device.type == "cpu" and "GLIBC_TUNABLES" not in os.environ
+    rows, notes = [], {}
+    for (H, W), counts in sizes.items():
+        counts = sorted(counts)
+        log(f"  streaming tiny at {H}x{W}, {' and '.join(map(str, counts))} frames ...")
+        t0 = time.perf_counter()
+        try:
+            ready = _stream_runs(device, H, W, counts)
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            notes.setdefault("errors", []).append(f"stream.tiny {H}x{W}: {exc}")
+            log(f"  stream.tiny at {H}x{W} failed: {exc}")
+            continue
+        n = ready["notes"]
+        for r in ready["runs"]:
+            T = r["frames"]
+            shape = f"1x3x{T}x{H}x{W} chunk={n['chunk_frames']}"
+            rows.append(row(name="stream.tiny", shape=shape, dtype="fp32", backend=n["backend"],
+                            median_ms=_r(r["ms"]), fps=_r(T / (r["ms"] * 1e-3)),
+                            peak_mem_mb=_r(r["peak_mb"]), latent_elements=r["latent_elements"]))
+            notes[shape] = {"gops": r["gops"], "encode_s": round(r["encode_s"], 2),
+                            "decode_s": round(r["total_s"] - r["encode_s"], 2)}
+            log(f"  stream.tiny {shape}: {r['ms'] / 1e3:.1f} s, {T / (r['ms'] * 1e-3):.1f} frames/s, peak "
+                f"{r['peak_mb'] if r['peak_mb'] is None else round(r['peak_mb'])} MB, {r['gops']} GOPs")
+        notes.update({k: v for k, v in n.items() if k not in notes})
+        if check:
+            log(f"  streaming tiny at {H}x{W} again with GLIBC_TUNABLES={FIXED_MMAP_THRESHOLD} ...")
+            try:
+                again = _stream_runs(device, H, W, counts, {"GLIBC_TUNABLES": FIXED_MMAP_THRESHOLD})
+            except (RuntimeError, json.JSONDecodeError) as exc:
+                notes.setdefault("errors", []).append(f"stream.tiny {H}x{W} allocator check: {exc}")
+                again = {"runs": []}
+            for r in again["runs"]:
+                shape = f"1x3x{r['frames']}x{H}x{W} chunk={n['chunk_frames']}"
+                notes.setdefault("fixed_mmap_threshold", {"GLIBC_TUNABLES": FIXED_MMAP_THRESHOLD})[shape] = \
+                    {"peak_mem_mb": _r(r["peak_mb"]), "fps": _r(r["frames"] / (r["ms"] * 1e-3))}
+                log(f"  stream.tiny {shape} fixed mmap threshold: peak {_r(r['peak_mb'])} MB")
+        notes.setdefault("wall_s", {})[f"{H}x{W}"] = round(time.perf_counter() - t0, 1)
+    return rows, notes
 
 
 def models_to_run(peers: bool, device: torch.device) -> tuple[list[tuple[str, dict]], list[str]]:
@@ -305,7 +458,7 @@ def run_pipeline(plan, peers: bool = True, log=lambda msg: None) -> tuple[list[d
                 key = model + ("/reference" if env else "")
                 log(f"  starting {key} at {shape} (build, first encode + decode) ...")
                 try:
-                    workers[key] = Worker(model, device, path, env)
+                    workers[key] = Worker(key, {"model": model, "device": str(device), "input": path}, env)
                 except (RuntimeError, json.JSONDecodeError) as exc:
                     notes.setdefault("errors", []).append(f"{key} {shape}: {exc}")
                     log(f"  {key} at {shape} failed: {exc}")
@@ -333,6 +486,12 @@ def run_pipeline(plan, peers: bool = True, log=lambda msg: None) -> tuple[list[d
                                     speedup=_r(ref_ms / ms, 3) if ref_ms else None,
                                     fps=_r(T / (ms * 1e-3)), peak_mem_mb=_r(max(peaks)) if peaks else None,
                                     latent_elements=w.ready["latent_elements"]))
+    if plan.stream_shapes and (plan.pipeline_models is None or "tiny" in plan.pipeline_models):
+        srows, snotes = run_stream(plan, log)
+        rows += srows
+        if snotes.get("errors"):
+            notes.setdefault("errors", []).extend(snotes.pop("errors"))
+        notes["stream.tiny"] = snotes
     return rows, notes
 
 
@@ -364,4 +523,5 @@ def _interleave(workers: dict, rounds: int, budget_s: float | None, log, notes: 
 
 
 if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]))
+    _spec = json.loads(sys.argv[1])
+    (stream_worker if _spec.get("mode") == "stream" else worker)(_spec)

@@ -377,7 +377,7 @@ def conv_cases(cin: int, cout: int, T: int, H: int, W: int, dtype: str, device: 
 
 @dataclasses.dataclass
 class Plan:
-    """What a run measures. quick: the op rows at one size and the pipeline at 9x128x128."""
+    """What a run measures. quick: the op rows at one size, the pipeline at 9x128x128, streaming at 64x64."""
     quick: bool
     device: torch.device
     op_dtypes: list[str]
@@ -393,6 +393,8 @@ class Plan:
     copy_mib: int = 64             # copy ceiling: buffer size (well beyond the last-level cache)
     matmul_n: int | None = None    # matmul ceiling: n (None: 2048 on a CPU, 4096 on a GPU)
     pipeline_models: tuple | None = None   # restrict the pipeline rows to these models (None: all)
+    stream_shapes: tuple = ()      # (T, H, W) of the stream.tiny rows: a short and a long T per frame size
+    stream_allocator_check: bool = False   # stream again with a fixed mmap threshold (bench_pipeline)
 
 
 def make_plan(quick: bool, device: torch.device) -> Plan:
@@ -400,18 +402,21 @@ def make_plan(quick: bool, device: torch.device) -> Plan:
         # warmup=0: the correctness check just before the timing has called every backend once
         # pipeline: the peers take ~2 min a round on a busy 2-core CPU; the budget keeps --quick
         # under 10 minutes there (one round) and gives an idle machine a second one
+        # stream: 40-60 s at 64x64 on a busy 2-core CPU (257 frames: 15 GOPs of 17, one of 2)
         return Plan(True, device, ["fp32", "bf16"], [(9, 128, 128)], timing=Timing(0, 3, 30, 1.5),
-                    pipeline_rounds=2, pipeline_budget_s=120)
+                    pipeline_rounds=2, pipeline_budget_s=120, stream_shapes=((17, 64, 64), (257, 64, 64)))
     shapes = [(9, 128, 128), (17, 256, 256)] + ([(33, 512, 512)] if device.type == "cuda" else [])
     return Plan(False, device, ["fp32", "bf16", "fp16"], shapes, timing=Timing(2, 10, 200, 5.0),
-                pipeline_rounds=3)
+                pipeline_rounds=3, stream_shapes=((17, 256, 256), (257, 256, 256)),
+                stream_allocator_check=True)
 
 
 def tiny_plan(device: torch.device) -> Plan:
     """Smallest shapes through the same code (the smoke test)."""
     return Plan(True, device, ["fp32"], [(5, 32, 32)], warp_shape=(2, 16, 20), gaussian_shape=(16, 20),
                 conv_shapes=((4, 4, 2, 8, 8),), levels=2, timing=Timing(0, 2, 2, 0.0), pipeline_rounds=1,
-                ceiling_dtypes=["fp32"], copy_mib=4, matmul_n=128, pipeline_models=("tiny",))
+                ceiling_dtypes=["fp32"], copy_mib=4, matmul_n=128, pipeline_models=("tiny",),
+                stream_shapes=((5, 32, 32), (21, 32, 32)), stream_allocator_check=True)
 
 
 def op_cases(plan: Plan) -> list[OpCase]:
@@ -600,9 +605,12 @@ def format_table(result: dict, json_path: str | None = None) -> str:
                   "convolutions (GFLOP/s counts a direct convolution's multiply-adds, so a kernel that does "
                   "fewer of them, e.g. Winograd, can pass 100%; so can any row when other work on the machine "
                   "depressed the ceiling measurements).", ""]
-    pipe = [r for r in rows if r["fps"] is not None]
+    pipe = [r for r in rows if r["fps"] is not None and not r["name"].startswith("stream.")]
     if pipe:
         lines += pipeline_table(pipe)
+    stream = [r for r in rows if r["name"].startswith("stream.")]
+    if stream:
+        lines += stream_table(stream, result.get("pipeline_notes", {}))
     targets = target_lines(result)
     if targets:
         lines += ["Targets:", ""] + [f"- {t}" for t in targets] + [""]
@@ -636,6 +644,62 @@ def pipeline_table(pipe: list[dict]) -> list[str]:
               "excluded): peak RSS on a CPU (each model in its own process), torch.cuda.max_memory_allocated "
               "on a GPU. Peers use diffusers' default configs with random weights (same cost as trained).", ""]
     return lines
+
+
+def _frames_and_size(shape: str) -> tuple[int, str]:
+    """(T, "HxW") of a stream row's shape "1x3xTxHxW chunk=c"."""
+    dims = shape.split()[0].split("x")
+    return int(dims[2]), f"{dims[3]}x{dims[4]}"
+
+
+def stream_table(stream: list[dict], notes: dict) -> list[str]:
+    sn = notes.get("stream.tiny", {})
+    fixed = sn.get("fixed_mmap_threshold", {})
+    lines = ["| model | video | backend | encode + decode frames/s | peak MB | peak MB, fixed mmap threshold "
+             "| latent elements |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in stream:
+        f = fixed.get(r["shape"], {})
+        lines.append(f"| {_model_of(r['name'])} | {r['shape']} | {r['backend']} | {_fmt(r['fps'])} "
+                     f"| {_fmt(r['peak_mem_mb'], '.0f')} | {_fmt(f.get('peak_mem_mb'), '.0f')} "
+                     f"| {_fmt(r['latent_elements'], 'd')} |")
+    weights = sn.get("weights", "")
+    lines += ["", "Streaming: the command line's path without the file I/O: frames made chunk by chunk (a moving "
+              "texture), `encode_stream` -> `decode_stream`, decoded chunks dropped as they come; one process "
+              "per frame size, peak RSS above the RSS before the call. `fixed mmap threshold`: the same run "
+              f"in a process started with GLIBC_TUNABLES={fixed.get('GLIBC_TUNABLES', '...')}, which stops glibc's "
+              "default malloc from keeping freed buffers in a fragmented heap (empty: not run)."
+              + (f" Weights: {weights}." if weights else "")
+              + (f" Adaptive keyframes {sn['adaptive_keyframes']}." if "adaptive_keyframes" in sn else ""), ""]
+    return lines
+
+
+def stream_target_lines(result: dict) -> list[str]:
+    """Peak of the longest streamed clip over the peak of the shortest, per frame size and backend."""
+    fixed = result.get("pipeline_notes", {}).get("stream.tiny", {}).get("fixed_mmap_threshold", {})
+    groups = {}
+    for r in result["rows"]:
+        if r["name"] == "stream.tiny":
+            T, size = _frames_and_size(r["shape"])
+            groups.setdefault((size, r["backend"]), []).append((T, r))
+    out = []
+    for (size, backend), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        (t_lo, lo), (t_hi, hi) = min(runs, key=lambda x: x[0]), max(runs, key=lambda x: x[0])
+        label = f"{t_hi}-frame streaming peak / {t_lo}-frame peak at {size} ({backend})"
+        if not lo["peak_mem_mb"] or hi["peak_mem_mb"] is None:
+            out.append(f"{label}: peak memory not measured")
+            continue
+        ratio = hi["peak_mem_mb"] / lo["peak_mem_mb"]
+        line = (f"{label}: {ratio:.2f}x ({hi['peak_mem_mb']:.0f} / {lo['peak_mem_mb']:.0f} MB) (target <= 1.25x): "
+                f"{'met' if ratio <= 1.25 else 'MISSED'}")
+        f_lo, f_hi = fixed.get(lo["shape"], {}).get("peak_mem_mb"), fixed.get(hi["shape"], {}).get("peak_mem_mb")
+        if f_lo and f_hi is not None:
+            line += f"; with a fixed mmap threshold {f_hi / f_lo:.2f}x ({f_hi:.0f} / {f_lo:.0f} MB)"
+        elif ratio > 1.25:
+            line += " (under glibc's default malloc; the full suite also measures with a fixed mmap threshold)"
+        out.append(line)
+    return out
 
 
 def _get(rows, name, backend=None, shape=None, dtype="fp32"):
@@ -687,14 +751,14 @@ def target_lines(result: dict) -> list[str]:
                        f"(target >= 1.3x): {verdict(ratio >= 1.3)}")
     if blocks and all(r["backend"] in ("reference", TORCH_SEQUENCE) for r in blocks):
         out.append("causal_conv3d.block: no fast backend was available in this run: target not measured")
-    return out
+    return out + stream_target_lines(result)
 
 
 # ---- command line -------------------------------------------------------------------------------
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time every op against its reference and the pipeline against its peers")
-    p.add_argument("--quick", action="store_true", help="one size per op, pipeline at 9x128x128 only")
+    p.add_argument("--quick", action="store_true", help="one size per op, pipeline at 9x128x128, streaming at 64x64")
     p.add_argument("--json", metavar="OUT", help="write the results (bench/results/<device>.json)")
     p.add_argument("--table", metavar="OUT", help="also write the markdown table")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")

@@ -118,6 +118,26 @@ def test_targets_are_judged_from_the_rows(op_result):
     assert "causal_conv3d.block" in table and "Reproduce: `decovae bench --quick --json bench/results/x.json`" in table
 
 
+def _stream_row(T, peak):
+    return B.row(name="stream.tiny", shape=f"1x3x{T}x64x64 chunk=17", dtype="fp32", backend="cpu",
+                 median_ms=100.0 * T, fps=10.0, peak_mem_mb=peak, latent_elements=100 * T)
+
+
+def test_stream_target_is_judged_from_the_rows(op_result):
+    fixed = {"GLIBC_TUNABLES": "x", "1x3x17x64x64 chunk=17": {"peak_mem_mb": 20.0},
+             "1x3x257x64x64 chunk=17": {"peak_mem_mb": 21.0}}
+    doc = dict(op_result, rows=op_result["rows"] + [_stream_row(257, 30.0), _stream_row(17, 20.0)],
+               pipeline_notes={"stream.tiny": {"fixed_mmap_threshold": fixed}})
+    table = B.format_table(doc)
+    assert ("257-frame streaming peak / 17-frame peak at 64x64 (cpu): 1.50x (30 / 20 MB) (target <= 1.25x): "
+            "MISSED; with a fixed mmap threshold 1.05x (21 / 20 MB)") in table
+    assert "| tiny | 1x3x257x64x64 chunk=17 | cpu | 10 | 30 | 21 | 25700 |" in table
+    doc["rows"] = op_result["rows"] + [_stream_row(257, 24.0), _stream_row(17, 20.0)]
+    assert "1.20x (24 / 20 MB) (target <= 1.25x): met" in B.format_table(doc)
+    doc["rows"] = op_result["rows"] + [_stream_row(257, None), _stream_row(17, 20.0)]
+    assert "17-frame peak at 64x64 (cpu): peak memory not measured" in B.format_table(doc)
+
+
 def test_make_table_script(op_result, tmp_path):
     path = tmp_path / "cpu-test.json"
     path.write_text(json.dumps(op_result))
@@ -157,12 +177,36 @@ def test_load_video_shape_and_range():
 def test_pipeline_rows_through_a_worker_process():
     pytest.importorskip("decovae_fast.models", reason="the model is needed for the pipeline rows")
 
-    rows, notes = P.run_pipeline(B.tiny_plan(CPU), peers=False)
+    plan = B.tiny_plan(CPU)
+    rows, notes = P.run_pipeline(plan, peers=False)
     assert not notes.get("errors"), notes.get("errors")
-    got = {r["name"]: r for r in rows}
-    assert set(got) == {"encode.tiny", "decode.tiny"}
+    pipe = [r for r in rows if r["name"] != "stream.tiny"]
+    assert {r["name"] for r in pipe} == {"encode.tiny", "decode.tiny"}
     for r in rows:
         assert tuple(r) == B.ROW_KEYS
+    for r in pipe:
         assert r["fps"] > 0 and r["latent_elements"] > 0 and r["shape"] == "1x3x5x32x32"
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
     assert notes["tiny"]["1x3x5x32x32"]["params"] > 0
+
+    # streaming rows: one per frame count of the plan, the count in the shape, every figure positive
+    chunk = notes["stream.tiny"]["chunk_frames"]
+    stream = {r["shape"]: r for r in rows if r["name"] == "stream.tiny"}
+    assert set(stream) == {f"1x3x{T}x{H}x{W} chunk={chunk}" for T, H, W in plan.stream_shapes}
+    for shape, r in stream.items():
+        assert r["fps"] > 0 and r["median_ms"] > 0 and r["latent_elements"] > 0 and r["peak_mem_mb"] > 0
+        assert r["backend"] == notes["stream.tiny"]["backend"] and r["dtype"] == "fp32"
+        assert r["reference_ms"] is None and r["gbps"] is None and r["ceiling_fraction"] is None
+        assert notes["stream.tiny"][shape]["gops"] >= 1
+    short, long_ = (stream[f"1x3x{T}x32x32 chunk={chunk}"] for T in (5, 21))
+    assert long_["latent_elements"] > short["latent_elements"]  # 21 frames: at least two GOPs
+    assert notes["stream.tiny"][long_["shape"]]["gops"] >= 2
+    if "GLIBC_TUNABLES" not in os.environ:  # the allocator check ran (tiny_plan asks for it)
+        fixed = notes["stream.tiny"]["fixed_mmap_threshold"]
+        assert all(fixed[s]["peak_mem_mb"] > 0 and fixed[s]["fps"] > 0 for s in stream)
+    doc = {"device": "cpu", "torch": torch.__version__, "threads": 1, "rows": rows, "pipeline_notes": notes,
+           "ceilings": {"copy_gbps": 1.0, "matmul_gflops": {"fp32": 1.0}}}
+    B.validate(doc)
+    table = B.format_table(doc)
+    assert f"| tiny | {long_['shape']} |" in table
+    assert "21-frame streaming peak / 5-frame peak at 32x32" in table
