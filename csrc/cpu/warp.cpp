@@ -4,20 +4,37 @@
 // Per output row (b, t, y) the kernels first turn the row's motion into corner offsets and weights
 // (one vectorisable pass), then trilinearly sample the volume, so the frames/residual and motion
 // are streamed once. The forward samples a channel-interleaved copy of the volume (pack_volume);
-// the backward reads the volume as it is.
+// the backward reads the volume as it is. With AVX-512 (fp32 math, C <= 4) the forward works on 16
+// pixels at a time (forward_row_avx512); otherwise, and for row tails of the scalar path, it uses
+// the portable loops below.
 // Math is in fp32 (fp64 for fp64 inputs). The backward scatters into one fp32 partial volume
 // gradient per work chunk; chunks are a fixed split of the rows and are summed in chunk order, so
 // the result is bitwise reproducible for a given thread count (no atomics).
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized when inlined (their
+// _mm512_undefined_* self-initialise); the pragma must precede their inclusion through torch.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <limits>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define DECOVAE_WARP_AVX512 1
+#endif
 
 namespace {
 
@@ -131,16 +148,104 @@ inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
 constexpr int kLanes = 4;
 typedef float v4f __attribute__((vector_size(16)));  // GCC/Clang vector extension, any ISA
 
+// An uninitialised contiguous CPU tensor in memory asking for transparent huge pages: the forward
+// reads the packed volume at scattered rows of several levels, and 4 KiB pages make that miss the
+// TLB (measured: ~20% of the 256^2 forward).
+at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(1) << 21;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  if (bytes >= kHuge) {
+    const size_t alloc = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* mem = std::aligned_alloc(kHuge, alloc);
+    TORCH_CHECK(mem, "warp: cannot allocate ", alloc, " bytes for the packed volume");
+    madvise(mem, alloc, MADV_HUGEPAGE);  // advisory: a failure only costs speed
+    return at::from_blob(mem, sizes, [](void* q) { std::free(q); }, at::TensorOptions().dtype(dtype));
+  }
+#endif
+  return at::empty(sizes, at::TensorOptions().dtype(dtype));
+}
+
+#ifdef DECOVAE_WARP_AVX512
+// 16 values of a tensor dtype as fp32 (lanes outside k read as 0), and back with the rounding of
+// static_cast (round to nearest even; NaN stays NaN).
+inline __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+inline __m512 load16(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 k) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+inline void store16(c10::Half* p, __m512 v, __mmask16 k) {
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 k) {  // as c10::round_to_nearest_even
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+}
+
+// One packed row (Cp = 4, fp32) from C <= 4 channel rows: 16 pixels at a time, the channel
+// vectors interleaved with two rounds of permutes (channels beyond C are 0).
+template <typename scalar_t>
+void pack_row_avx512(const scalar_t* src, int64_t cstride, int C, int W, float* dst) {
+  const __m512i pair_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i pair_hi = _mm512_add_epi32(pair_lo, _mm512_set1_epi32(8));
+  const __m512i quad = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  const __m512i eight = _mm512_set1_epi32(8);
+  for (int x = 0; x < W; x += 16) {
+    const int n = std::min(16, W - x);
+    const __mmask16 k = __mmask16((1u << n) - 1);
+    __m512 ch[4];
+    for (int c = 0; c < 4; ++c) ch[c] = c < C ? load16(src + c * cstride + x, k) : _mm512_setzero_ps();
+    // (c0, c1) and (c2, c3) pairs of pixels 0-7 and 8-15, then the 4 channels of 4 pixels each.
+    const __m512 a0 = _mm512_permutex2var_ps(ch[0], pair_lo, ch[1]), a1 = _mm512_permutex2var_ps(ch[0], pair_hi, ch[1]);
+    const __m512 b0 = _mm512_permutex2var_ps(ch[2], pair_lo, ch[3]), b1 = _mm512_permutex2var_ps(ch[2], pair_hi, ch[3]);
+    const __m512 q[4] = {_mm512_permutex2var_ps(a0, quad, b0),
+                         _mm512_permutex2var_ps(a0, _mm512_add_epi32(quad, eight), b0),
+                         _mm512_permutex2var_ps(a1, quad, b1),
+                         _mm512_permutex2var_ps(a1, _mm512_add_epi32(quad, eight), b1)};
+    for (int j = 0; j < 4 && 4 * j < n; ++j) {
+      const int floats = std::min(16, 4 * (n - 4 * j));
+      _mm512_mask_storeu_ps(dst + 4 * (x + 4 * j), __mmask16((1u << floats) - 1), q[j]);
+    }
+  }
+  for (int c = 0; c < 4; ++c) dst[4 * W + c] = dst[4 * (W - 1) + c];  // the copied last column
+}
+#endif
+
+// Asks for transparent huge pages on a fresh output of 32 MiB or more: glibc maps such buffers anew
+// on every call, and faulting them in 4 KiB pages costs more than the kernel itself at 512^2.
+// Advisory only (pages already touched stay as they are).
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (t.nbytes() < (size_t(32) << 20)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 template <typename scalar_t, typename acc_t>
 at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
   const int64_t W1 = d.W + 1, HW = d.H * d.W;
-  at::Tensor packed = at::empty({d.B, d.D, d.H, W1, Cp},
-                                at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor packed = empty_huge({d.B, d.D, d.H, W1, Cp}, c10::CppTypeToScalarType<acc_t>::value);
   acc_t* pk = packed.mutable_data_ptr<acc_t>();
   at::parallel_for(0, d.B * d.D * d.H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (d.D * d.H), sy = row % (d.D * d.H);  // sy = s * H + y
       acc_t* dst = pk + row * W1 * Cp;
+#ifdef DECOVAE_WARP_AVX512
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (Cp == kLanes) {
+          pack_row_avx512(vol + b * d.C * d.D * HW + sy * d.W, d.D * HW, static_cast<int>(d.C), d.W, dst);
+          continue;
+        }
+      }
+#endif
       for (int64_t c = 0; c < Cp; ++c) {
         if (c < d.C) {
           const scalar_t* src = vol + (b * d.C + c) * d.D * HW + sy * d.W;
@@ -155,6 +260,133 @@ at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
   return packed;
 }
 
+#ifdef DECOVAE_WARP_AVX512
+// AVX-512 forward for fp32 math and C <= 4 (Cp = 4): 16 pixels of a row at a time. Coordinates,
+// clamps, floors, corner offsets and weights are computed in 16 lanes; each pixel then reads its 4
+// corner rows as one 8-float load each ((x0, x1) x 4 channels of the packed volume) and the 16
+// pixels' 4-channel predictions are transposed to channel planes with permutes. The row tail is
+// handled by masked loads/stores: masked-off lanes see zero motion, so their (unused) samples stay
+// inside the volume.
+
+// 16 lanes of `axis` (forward part): lo, step (0 or 1) and weight. max(coord, 0) returns its second
+// operand for NaN, so NaN maps to 0 as in the scalar version.
+inline void axis16(__m512 coord, int n, __m512i& lo, __m512i& step, __m512& w) {
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(coord, _mm512_setzero_ps()), _mm512_set1_ps(float(n - 1)));
+  lo = _mm512_cvttps_epi32(c);
+  w = _mm512_sub_ps(c, _mm512_cvtepi32_ps(lo));
+  step = _mm512_maskz_mov_epi32(_mm512_cmplt_epi32_mask(lo, _mm512_set1_epi32(n - 1)), _mm512_set1_epi32(1));
+}
+
+template <typename scalar_t, typename motion_t>
+struct NextRow {  // where the next row's data lie (frames == nullptr: none), for prefetching
+  const motion_t* motion;
+  int64_t mstride;
+  const scalar_t* frames;
+  scalar_t* out;
+};
+
+// One output row: out[c][x] = frames[c][x] -/+ sample. pk: packed volume of this batch (Cp = 4);
+// strides in packed pixels. kCorners = 2 for L = 0 (the level weight is then 0).
+template <typename scalar_t, typename motion_t, bool kAdd, int kCorners>
+void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const motion_t* mv, const motion_t* ms,
+                        const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W,
+                        int32_t row_stride, int32_t plane_stride, NextRow<scalar_t, motion_t> next) {
+  alignas(64) int32_t off[4][16];
+  alignas(64) float wr[4][16], wx[16];
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i rs4 = _mm512_set1_epi32(row_stride * 4), ps4 = _mm512_set1_epi32(plane_stride * 4);
+  const __m512 fy = _mm512_set1_ps(static_cast<float>(y)), one = _mm512_set1_ps(1.0f);
+  for (int x = 0; x < W; x += 16) {
+    const __mmask16 k = W - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - x)) - 1);
+    const __m512 xs = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(x), lane));
+    __m512i x0, sx, y0, sy, s0, ss;
+    __m512 ax, ay, as;
+    axis16(_mm512_add_ps(xs, load16(mu + x, k)), W, x0, sx, ax);
+    axis16(_mm512_add_ps(fy, load16(mv + x, k)), H, y0, sy, ay);
+    axis16(load16(ms + x, k), D, s0, ss, as);
+    // Offsets in floats (x4 channels); x1 = x0 + 1 is always the next packed pixel.
+    const __m512i r0 = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(s0, ps4), _mm512_mullo_epi32(y0, rs4)),
+                                        _mm512_slli_epi32(x0, 2));
+    const __m512i dy = _mm512_mullo_epi32(sy, rs4);
+    _mm512_store_si512(off[0], r0);
+    _mm512_store_si512(off[1], _mm512_add_epi32(r0, dy));
+    const __m512 as1 = _mm512_sub_ps(one, as), ay1 = _mm512_sub_ps(one, ay);
+    _mm512_store_ps(wr[0], _mm512_mul_ps(as1, ay1));
+    _mm512_store_ps(wr[1], _mm512_mul_ps(as1, ay));
+    if constexpr (kCorners == 4) {
+      const __m512i r2 = _mm512_add_epi32(r0, _mm512_mullo_epi32(ss, ps4));
+      _mm512_store_si512(off[2], r2);
+      _mm512_store_si512(off[3], _mm512_add_epi32(r2, dy));
+      _mm512_store_ps(wr[2], _mm512_mul_ps(as, ay1));
+      _mm512_store_ps(wr[3], _mm512_mul_ps(as, ay));
+    }
+    _mm512_store_ps(wx, ax);
+    // Read the lanes back from memory: kept in registers, GCC extracts each with a shuffle pair.
+    asm volatile("" : : "r"(off), "r"(wr), "r"(wx) : "memory");
+    // The next row's inputs and output lines, fetched one row ahead: rows are visited in (y, t)
+    // order, so consecutive rows are a plane apart and the hardware prefetchers miss them.
+    if (next.frames) {
+      for (int j = 0; j < 3; ++j) _mm_prefetch(reinterpret_cast<const char*>(next.motion + j * next.mstride + x), _MM_HINT_T0);
+      for (int c = 0; c < C; ++c) {
+        _mm_prefetch(reinterpret_cast<const char*>(next.frames + c * cstride + x), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(next.out + c * cstride + x), _MM_HINT_ET0);
+      }
+    }
+    // Prediction of pixel i (4 channels) = lane group i % 4 of p[i / 4], built in registers.
+    __m512 p[4];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      __m256 a = _mm256_mul_ps(_mm256_set1_ps(wr[0][i]), _mm256_loadu_ps(pk + off[0][i]));
+#pragma GCC unroll 4
+      for (int r = 1; r < kCorners; ++r) a = _mm256_fmadd_ps(_mm256_set1_ps(wr[r][i]), _mm256_loadu_ps(pk + off[r][i]), a);
+      const __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
+      const __m128 v = _mm_fmadd_ps(_mm_set1_ps(wx[i]), _mm_sub_ps(hi, lo), lo);
+      p[i / 4] = i % 4 == 0 ? _mm512_castps128_ps512(v) : _mm512_insertf32x4(p[i / 4], v, i % 4);
+    }
+    const __m512 p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
+    for (int c = 0; c < C; ++c) {
+      const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c), _mm512_slli_epi32(lane, 2));
+      const __m512 plane = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(p0, idx, p1),
+                                                _mm512_permutex2var_ps(p2, idx, p3), _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512 f = load16(frames + c * cstride + x, k);
+      store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane), k);
+    }
+  }
+}
+
+// The whole forward on the SIMD rows, in (b, y, t) order (see warp_forward_kernel).
+template <typename scalar_t, typename motion_t, bool kAdd>
+void warp_forward_avx512(const float* pk_all, const motion_t* mot, const scalar_t* frames, scalar_t* out,
+                         const Dims& d) {
+  const int D = d.D, H = d.H, W = d.W;
+  const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
+  const int32_t row_stride = W + 1, plane_stride = H * (W + 1);
+  const auto row_fn = D > 1 ? forward_row_avx512<scalar_t, motion_t, kAdd, 4>
+                            : forward_row_avx512<scalar_t, motion_t, kAdd, 2>;  // L = 0: bilinear
+  struct Row {
+    int64_t b, motion, data;  // batch; offsets of the row in motion and in frames/out
+    int y;
+  };
+  const auto locate = [&](int64_t row) {
+    const int64_t b = row / (d.T * d.H), t = row % d.T, y = (row / d.T) % d.H;
+    return Row{b, (b * 3 * d.T + t) * HW + y * W, (b * d.C * d.T + t) * HW + y * W, static_cast<int>(y)};
+  };
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const Row r = locate(row);
+      NextRow<scalar_t, motion_t> next{nullptr, d.T * HW, nullptr, nullptr};
+      if (row + 1 < end) {
+        const Row n = locate(row + 1);
+        next = {mot + n.motion, d.T * HW, frames + n.data, out + n.data};
+      }
+      const motion_t* mu = mot + r.motion;
+      row_fn(pk_all + r.b * D * plane_stride * 4, mu, mu + d.T * HW, mu + 2 * d.T * HW, frames + r.data,
+             out + r.data, d.T * HW, static_cast<int>(d.C), r.y, D, H, W, row_stride, plane_stride, next);
+    }
+  });
+}
+#endif
+
 // out = frames - sample (kAdd false) or residual + sample (kAdd true).
 template <typename scalar_t, typename motion_t, bool kAdd>
 void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_t* frames, scalar_t* out,
@@ -167,6 +399,14 @@ void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_
   const acc_t* pk_all = packed.const_data_ptr<acc_t>();
   const int32_t row_stride = W + 1, plane_stride = H * (W + 1);
   const int corners = D == 1 ? 2 : 4;  // L = 0: plain bilinear
+  // The SIMD rows address the packed volume with int32 float offsets.
+  [[maybe_unused]] const bool use_simd =
+      Cp == kLanes && static_cast<int64_t>(D) * plane_stride * Cp < std::numeric_limits<int32_t>::max();
+#ifdef DECOVAE_WARP_AVX512
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<motion_t, double>) {
+    if (use_simd) return warp_forward_avx512<scalar_t, motion_t, kAdd>(pk_all, mot, frames, out, d);
+  }
+#endif
   // Rows in (b, y, t) order: the T frames of one image row sample nearby volume rows, which then
   // stay in cache (a (b, t, y) order sweeps the whole volume once per frame).
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -175,10 +415,10 @@ void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_
       const int64_t b = row / (d.T * d.H), t = row % d.T;
       const int y = static_cast<int>((row / d.T) % d.H);
       const motion_t* mu = mot + (b * 3 * d.T + t) * HW + y * W;
-      taps.fill(mu, mu + d.T * HW, mu + 2 * d.T * HW, y, D, H, W, row_stride, plane_stride);
       const acc_t* pk = pk_all + b * D * plane_stride * Cp;
       const int64_t o = (b * d.C * d.T + t) * HW + y * W;  // channel 0 of this row
       const int64_t cstride = d.T * HW;
+      taps.fill(mu, mu + d.T * HW, mu + 2 * d.T * HW, y, D, H, W, row_stride, plane_stride);
       for (int x = 0; x < W; ++x) {
         const acc_t fx = taps.wx[x], fy = taps.wy[x], fs = taps.ws[x];
         const acc_t wr[4] = {(1 - fs) * (1 - fy), (1 - fs) * fy, fs * (1 - fy), fs * fy};
@@ -235,6 +475,7 @@ at::Tensor warp_forward(const at::Tensor& volume_in, const at::Tensor& motion_in
   const at::Tensor motion = motion_operand(motion_in, volume);
   at::Tensor out = at::empty(frames.sizes(), frames.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_forward", [&] {
     if (motion.scalar_type() == volume.scalar_type()) {
       warp_forward_kernel<scalar_t, scalar_t, kAdd>(volume.const_data_ptr<scalar_t>(),
