@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from decovae_fast._memory import release_freed_memory
 from decovae_fast.models import pretrained
 from decovae_fast.models.latent import DeCoLatent, DiagonalGaussian
 from decovae_fast.models.tiling import make_tiles, run_tiled
@@ -115,6 +116,7 @@ class VideoVAEBase(nn.Module):
                 raise TypeError(f"decode needs a DeCoLatent, got {type(piece).__name__}")
             self._check_latent(piece)
             for n, kf, mo, re in split_gops(piece):
+                release_freed_memory()
                 for out in self._decode_gop(n, kf.mean, None if mo is None else mo.mean,
                                             None if re is None else re.mean, steps, piece.height, piece.width):
                     yield out["frames"][..., :piece.height, :piece.width].clamp(-1, 1)

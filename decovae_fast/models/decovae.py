@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from decovae_fast import ops
+from decovae_fast._memory import release_freed_memory
 from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_video, split_gops
 from decovae_fast.models.config import DeCoVAEConfig
 from decovae_fast.models.decoder import DecoderTrunk
@@ -163,6 +164,7 @@ class DeCoVAE(VideoVAEBase):
     def encode_stream(self, chunks):
         """Yield one DeCoLatent piece per finished GOP from an iterable of (B, 3, t, H, W) chunks."""
         for piece, _ in self._gops(chunks):
+            release_freed_memory()
             yield piece
 
     # --- decode side -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from decovae_fast._memory import release_freed_memory
 from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_video, split_gops
 from decovae_fast.models.config import PlainVAEConfig
 from decovae_fast.models.decoder import DecoderTrunk
@@ -56,6 +57,7 @@ class PlainCausalVAE(VideoVAEBase):
                     continue
                 room = self.config.keyframe_interval - seg["n"]
                 if room == 0:
+                    release_freed_memory()
                     yield self._finish(seg, size)
                     seg = None
                     continue
