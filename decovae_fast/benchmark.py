@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import platform
 import statistics
 import sys
@@ -58,6 +59,16 @@ def device_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         pass
     return f"cpu: {model}, {os.cpu_count()} cores"
+
+
+def device_slug(device: torch.device | None = None) -> str:
+    """The results file's name: bench/results/<slug>.json, e.g. cpu-amd-epyc-2c."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = device_name(device)
+    if device.type == "cpu":
+        name = name.removeprefix("cpu: ").replace(" cores", "c")
+        name = "cpu " + name
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def loadavg() -> list[float] | None:
