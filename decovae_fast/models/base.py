@@ -35,6 +35,16 @@ def check_video(video, name: str = "video") -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def check_chunk(chunk, size):
+    """Checks one chunk of a stream; returns the (batch, height, width) every chunk must share."""
+    check_video(chunk, "chunk")
+    this = (chunk.shape[0], chunk.shape[3], chunk.shape[4])
+    if size is not None and this != size:
+        raise ValueError(f"chunk of shape {tuple(chunk.shape)} does not match the first chunk's "
+                         f"batch and frame size {size}")
+    return this
+
+
 def split_gops(latent: DeCoLatent) -> list[tuple[int, DiagonalGaussian | None, ...]]:
     """[(frames, keyframe_moments_slice, motion_slice, residual_slice)] per GOP (Gaussians' means/logvars
     sliced; parts a model lacks are None)."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from decovae_fast import ops
 from decovae_fast._memory import release_freed_memory
-from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_video, split_gops
+from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_chunk, check_video, split_gops
 from decovae_fast.models.config import DeCoVAEConfig
 from decovae_fast.models.decoder import DecoderTrunk
 from decovae_fast.models.encoders import keyframe_encoder, motion_encoder, residual_encoder
@@ -125,12 +125,7 @@ class DeCoVAE(VideoVAEBase):
         """Yield (piece or None, gop) for every GOP of the chunk stream."""
         gop, seen, size = None, 0, None
         for chunk in chunks:
-            check_video(chunk, "chunk")
-            if size is None:
-                size = (chunk.shape[0], chunk.shape[3], chunk.shape[4])
-            elif (chunk.shape[0], chunk.shape[3], chunk.shape[4]) != size:
-                raise ValueError(f"chunk of shape {tuple(chunk.shape)} does not match the first chunk's "
-                                 f"batch and frame size {size}")
+            size = check_chunk(chunk, size)
             B, H, W = size
             x = replicate_pad(chunk.to(self.dtype), 16)
             tiles = self._tiles(x.shape[3], x.shape[4])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from decovae_fast._memory import release_freed_memory
-from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_video, split_gops
+from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_chunk, check_video, split_gops
 from decovae_fast.models.config import PlainVAEConfig
 from decovae_fast.models.decoder import DecoderTrunk
 from decovae_fast.models.encoders import Encoder
@@ -38,12 +38,7 @@ class PlainCausalVAE(VideoVAEBase):
         """Yield one DeCoLatent piece per segment from an iterable of (B, 3, t, H, W) chunks."""
         seg, size = None, None
         for chunk in chunks:
-            check_video(chunk, "chunk")
-            if size is None:
-                size = (chunk.shape[0], chunk.shape[3], chunk.shape[4])
-            elif (chunk.shape[0], chunk.shape[3], chunk.shape[4]) != size:
-                raise ValueError(f"chunk of shape {tuple(chunk.shape)} does not match the first chunk's "
-                                 f"batch and frame size {size}")
+            size = check_chunk(chunk, size)
             x = replicate_pad(chunk.to(self.dtype), 8)
             tiles = self._tiles(x.shape[3], x.shape[4])
             i = 0
