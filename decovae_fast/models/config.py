@@ -28,6 +28,13 @@ def _tuples(obj) -> None:
 class _ConfigMixin:
     model_type = ""
 
+    def _check_gop_and_tiles(self) -> None:
+        """Checks of the fields both model configs have."""
+        if self.keyframe_interval < 1:
+            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+        if self.tile_size % 16 or self.tile_halo % 16:
+            raise ValueError("tile_size and tile_halo must be multiples of 16")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -81,13 +88,10 @@ class DeCoVAEConfig(_ConfigMixin):
 
     def __post_init__(self):
         _tuples(self)
-        if self.keyframe_interval < 1:
-            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
+        self._check_gop_and_tiles()
         for name in ("keyframe_channels", "motion_channels", "residual_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.tile_size % 16 or self.tile_halo % 16:
-            raise ValueError("tile_size and tile_halo must be multiples of 16")
 
     @classmethod
     def tiny(cls) -> "DeCoVAEConfig":
@@ -136,10 +140,7 @@ class PlainVAEConfig(_ConfigMixin):
 
     def __post_init__(self):
         _tuples(self)
-        if self.keyframe_interval < 1:
-            raise ValueError(f"keyframe_interval must be >= 1, got {self.keyframe_interval}")
-        if self.tile_size % 16 or self.tile_halo % 16:
-            raise ValueError("tile_size and tile_halo must be multiples of 16")
+        self._check_gop_and_tiles()
 
     @classmethod
     def matching(cls, deco: DeCoVAEConfig) -> "PlainVAEConfig":
