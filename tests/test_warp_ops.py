@@ -57,6 +57,8 @@ SHAPES = {
     "batch": (2, 2, 3, 4, 8, 9),      # B > 1
     "L0": (1, 3, 2, 1, 9, 11),        # L = 0: plain bilinear warp
     "big": (1, 3, 2, 3, 37, 70),      # H*W = 2590: not a multiple of the Triton block (512)
+    "H1": (1, 3, 2, 3, 1, 18),        # one image row: the CPU kernel's portable path
+    "H2W1": (1, 2, 2, 3, 2, 1),       # smallest image the SIMD path takes; one column
 }
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -114,6 +116,68 @@ def test_cpu_warp_far_flows(dtype):
     inputs = make_inputs((1, 2, 2, 4, 11, 13), dtype, far=True)
     assert (inputs[1][:, :2].abs() > 13).any()
     _compare(_cpu("warp_residual"), R.warp_residual, inputs, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("levels", [0, 3])
+def test_cpu_warp_exact_borders(levels):
+    """Samples exactly on the last row, column and level (and beyond): the SIMD forward puts the
+    lower corner one short of the border there, with weight 1 on the upper one."""
+    B, C, T, H, W = 1, 3, 3, 9, 21
+    g = torch.Generator().manual_seed(2)
+    volume = torch.randn(B, C, levels + 1, H, W, generator=g)
+    frames = torch.randn(B, C, T, H, W, generator=g)
+    ys = torch.arange(H, dtype=torch.float32).view(H, 1).expand(H, W)
+    xs = torch.arange(W, dtype=torch.float32).expand(H, W)
+    motion = torch.stack([(W - 1) - xs, (H - 1) - ys, torch.full((H, W), float(levels))])  # exact corner
+    motion = torch.stack([motion, motion + torch.tensor([2.0, 3.0, 1.5]).view(3, 1, 1), torch.zeros(3, H, W)], 1)
+    motion = motion.unsqueeze(0)  # t = 0 on the border, t = 1 beyond it, t = 2 zero motion
+    for op in ("warp_residual", "warp_add"):
+        got = _cpu(op)(volume, motion, frames)
+        want = getattr(R, op)(volume, motion, frames)
+        assert_close(got, want, torch.float32, op)
+    corner = volume[:, :, -1, -1, -1].view(B, C, 1, 1)
+    torch.testing.assert_close(_cpu("warp_residual")(volume, motion, frames)[:, :, 0], frames[:, :, 0] - corner,
+                               rtol=0, atol=0)
+
+
+@needs_ext
+def test_cpu_warp_concurrent_calls():
+    """The packed volume buffer kept between calls: calls from several threads at once (one gets the
+    kept buffer, the others their own) and calls of growing size give the single-thread results."""
+    import threading
+
+    cases = [make_inputs((1, 3, 2, 6, 150 + 7 * i, 160), torch.float32, seed=i) for i in range(4)]
+    want = [_cpu("warp_residual")(*c) for c in reversed(cases)][::-1]  # largest first, then smaller
+    got = [None] * len(cases)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = torch.ops.decovae.warp_residual(*cases[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_ext
+def test_cpu_warp_pooled_output_outlives_the_library():
+    """Outputs on pooled buffers that are still alive at interpreter exit are freed after the
+    extension's static destructors have run: the process must still exit cleanly."""
+    import subprocess
+    import sys
+
+    code = ("import torch, decovae_fast.ops as ops\n"
+            "v = torch.rand(1, 3, 3, 200, 300); m = torch.zeros(1, 3, 4, 200, 300); f = torch.rand(1, 3, 4, 200, 300)\n"
+            "with ops.use_backend('cpu'):\n"
+            "    KEEP = [ops.warp_residual(v, m, f) for _ in range(3)]\n"
+            "assert torch.equal(KEEP[0], KEEP[2])\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def _non_contiguous(volume, motion, frames):

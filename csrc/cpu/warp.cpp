@@ -4,16 +4,17 @@
 // Per output row (b, t, y) the kernels first turn the row's motion into corner offsets and weights
 // (one vectorisable pass), then trilinearly sample the volume, so the frames/residual and motion
 // are streamed once. The forward samples a channel-interleaved copy of the volume (pack_volume);
-// the backward reads the volume as it is. With AVX-512 (fp32 math, C <= 4) the forward works on 16
-// pixels at a time (forward_row_avx512); otherwise, and for row tails of the scalar path, it uses
-// the portable loops below.
+// the backward reads the volume as it is. With AVX-512 (fp32 math, C <= 4, H >= 2) the forward
+// works on 16 pixels at a time (forward_row_avx512); otherwise it uses the portable loops below.
+// Large buffers (packed volume, outputs) come from a small pool (BufferPool) to skip page faults.
 // Math is in fp32 (fp64 for fp64 inputs). The backward scatters into one fp32 partial volume
 // gradient per work chunk; chunks are a fixed split of the rows and are summed in chunk order, so
 // the result is bitwise reproducible for a given thread count (no atomics).
-// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized when inlined (their
+// GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized when inlined (their
 // _mm512_undefined_* self-initialise); the pragma must precede their inclusion through torch.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <torch/extension.h>
 
@@ -25,6 +26,7 @@
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <mutex>
 #include <vector>
 
 #ifdef __linux__
@@ -148,23 +150,63 @@ inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
 constexpr int kLanes = 4;
 typedef float v4f __attribute__((vector_size(16)));  // GCC/Clang vector extension, any ISA
 
-// An uninitialised contiguous CPU tensor in memory asking for transparent huge pages: the forward
-// reads the packed volume at scattered rows of several levels, and 4 KiB pages make that miss the
-// TLB (measured: ~20% of the 256^2 forward).
-at::Tensor empty_huge(at::IntArrayRef sizes, at::ScalarType dtype) {
+// Large buffers (the packed volume, big outputs) come from a small pool and ask for transparent
+// huge pages. The packed volume is read at scattered rows of several levels, and 4 KiB pages make
+// that miss the TLB (measured: ~20% of the 256^2 forward). A fresh multi-MiB buffer is page-faulted
+// (and zeroed by the kernel) on every call: glibc maps buffers of 32 MiB or more anew each time,
+// which cost 6 ms of a 30 ms call at 512^2 for the packed volume, and ~2 ms per 50 MiB output
+// even with huge pages. Freed buffers are kept for the next call, up to kPoolBytes in all.
+constexpr size_t kHuge = size_t(1) << 21;
+constexpr size_t kPoolBytes = size_t(128) << 20;
+
+class BufferPool {
+ public:
+  // A tensor on a pooled buffer of at least the tensor's size; it goes back to the pool when freed.
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+    const size_t cap = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* mem = take(cap);
+    if (!mem) {
+      mem = std::aligned_alloc(kHuge, cap);
+      TORCH_CHECK(mem, "warp: cannot allocate ", cap, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(1) << 21;
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
-  if (bytes >= kHuge) {
-    const size_t alloc = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* mem = std::aligned_alloc(kHuge, alloc);
-    TORCH_CHECK(mem, "warp: cannot allocate ", alloc, " bytes for the packed volume");
-    madvise(mem, alloc, MADV_HUGEPAGE);  // advisory: a failure only costs speed
-    return at::from_blob(mem, sizes, [](void* q) { std::free(q); }, at::TensorOptions().dtype(dtype));
-  }
+      madvise(mem, cap, MADV_HUGEPAGE);  // advisory: a failure only costs speed
 #endif
-  return at::empty(sizes, at::TensorOptions().dtype(dtype));
-}
+    }
+    return at::from_blob(mem, sizes, [this, cap](void* q) { give(q, cap); }, at::TensorOptions().dtype(dtype));
+  }
+
+ private:
+  void* take(size_t cap) {  // the smallest kept buffer that fits without wasting more than half
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto best = kept_.end();
+    for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+      if (it->second >= cap && it->second <= 2 * cap && (best == kept_.end() || it->second < best->second)) best = it;
+    }
+    if (best == kept_.end()) return nullptr;
+    void* mem = best->first;
+    kept_bytes_ -= best->second;
+    kept_.erase(best);
+    return mem;
+  }
+  void give(void* mem, size_t cap) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (kept_bytes_ + cap <= kPoolBytes) {
+        kept_.emplace_back(mem, cap);
+        kept_bytes_ += cap;
+        return;
+      }
+    }
+    std::free(mem);
+  }
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> kept_;
+  size_t kept_bytes_ = 0;
+};
+// Never destroyed: tensors on pooled buffers may be freed during interpreter shutdown, after the
+// library's static destructors have run.
+BufferPool& pool = *new BufferPool;
 
 #ifdef DECOVAE_WARP_AVX512
 // 16 values of a tensor dtype as fp32 (lanes outside k read as 0), and back with the rounding of
@@ -186,6 +228,16 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 k) {  // as c10::round
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
 }
+
+// Whole 16-lane vectors.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::Half* p, __m512 v) { store16(p, v, __mmask16(0xFFFF)); }
+inline void store16(c10::BFloat16* p, __m512 v) { store16(p, v, __mmask16(0xFFFF)); }
 
 // One packed row (Cp = 4, fp32) from C <= 4 channel rows: 16 pixels at a time, the channel
 // vectors interleaved with two rounds of permutes (channels beyond C are 0).
@@ -216,23 +268,13 @@ void pack_row_avx512(const scalar_t* src, int64_t cstride, int C, int W, float* 
 }
 #endif
 
-// Asks for transparent huge pages on a fresh output of 32 MiB or more: glibc maps such buffers anew
-// on every call, and faulting them in 4 KiB pages costs more than the kernel itself at 512^2.
-// Advisory only (pages already touched stay as they are).
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (t.nbytes() < (size_t(32) << 20)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
 template <typename scalar_t, typename acc_t>
 at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
   const int64_t W1 = d.W + 1, HW = d.H * d.W;
-  at::Tensor packed = empty_huge({d.B, d.D, d.H, W1, Cp}, c10::CppTypeToScalarType<acc_t>::value);
+  const std::vector<int64_t> sizes = {d.B, d.D, d.H, W1, Cp};
+  const auto type = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor packed = c10::multiply_integers(sizes) * sizeof(acc_t) >= kHuge ? pool.empty(sizes, type)
+                                                                             : at::empty(sizes, at::TensorOptions().dtype(type));
   acc_t* pk = packed.mutable_data_ptr<acc_t>();
   at::parallel_for(0, d.B * d.D * d.H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -261,21 +303,15 @@ at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
 }
 
 #ifdef DECOVAE_WARP_AVX512
-// AVX-512 forward for fp32 math and C <= 4 (Cp = 4): 16 pixels of a row at a time. Coordinates,
-// clamps, floors, corner offsets and weights are computed in 16 lanes; each pixel then reads its 4
-// corner rows as one 8-float load each ((x0, x1) x 4 channels of the packed volume) and the 16
-// pixels' 4-channel predictions are transposed to channel planes with permutes. The row tail is
-// handled by masked loads/stores: masked-off lanes see zero motion, so their (unused) samples stay
-// inside the volume.
-
-// 16 lanes of `axis` (forward part): lo, step (0 or 1) and weight. max(coord, 0) returns its second
-// operand for NaN, so NaN maps to 0 as in the scalar version.
-inline void axis16(__m512 coord, int n, __m512i& lo, __m512i& step, __m512& w) {
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(coord, _mm512_setzero_ps()), _mm512_set1_ps(float(n - 1)));
-  lo = _mm512_cvttps_epi32(c);
-  w = _mm512_sub_ps(c, _mm512_cvtepi32_ps(lo));
-  step = _mm512_maskz_mov_epi32(_mm512_cmplt_epi32_mask(lo, _mm512_set1_epi32(n - 1)), _mm512_set1_epi32(1));
-}
+// AVX-512 forward for fp32 math, C <= 4 (Cp = 4) and H >= 2: 16 pixels of a row at a time.
+// Coordinates, clamps, floors and weights are computed in 16 lanes. Along y and s the lower corner
+// is clamped to n - 2 (at the upper border its weight is then 0 and the upper corner's 1), so the
+// four corner rows of a pixel are one offset plus fixed row/plane strides: one index per pixel.
+// Each corner row is one 8-float load ((x0, x1) x 4 channels of the packed volume) scaled by its
+// broadcast weight; two pixels then share one x-weight multiply, four fold their x0/x1 halves into
+// one vector, and the 16 pixels' 4-channel predictions are transposed to channel planes with
+// permutes. The row tail uses masked loads/stores: masked-off lanes see zero motion, so their
+// (unused) samples stay inside the volume.
 
 template <typename scalar_t, typename motion_t>
 struct NextRow {  // where the next row's data lie (frames == nullptr: none), for prefetching
@@ -286,45 +322,56 @@ struct NextRow {  // where the next row's data lie (frames == nullptr: none), fo
 };
 
 // One output row: out[c][x] = frames[c][x] -/+ sample. pk: packed volume of this batch (Cp = 4);
-// strides in packed pixels. kCorners = 2 for L = 0 (the level weight is then 0).
-template <typename scalar_t, typename motion_t, bool kAdd, int kCorners>
+// strides in packed pixels. kLevels false for L = 0 (plain bilinear: two corner rows).
+template <typename scalar_t, typename motion_t, bool kAdd, bool kLevels>
 void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const motion_t* mv, const motion_t* ms,
-                        const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W,
-                        int32_t row_stride, int32_t plane_stride, NextRow<scalar_t, motion_t> next) {
-  alignas(64) int32_t off[4][16];
-  alignas(64) float wr[4][16], wx[16];
+                    const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W,
+                    int32_t row_stride, int32_t plane_stride, NextRow<scalar_t, motion_t> next) {
+  constexpr int kCorners = kLevels ? 4 : 2;
+  struct Taps {
+    alignas(64) int32_t off[16];
+    alignas(64) float wr[kCorners][16];
+    alignas(64) float ax[16];
+  } buf[2];
+  const float* base[4] = {pk, pk + 4 * row_stride, pk + 4 * plane_stride, pk + 4 * (plane_stride + row_stride)};
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i rs4 = _mm512_set1_epi32(row_stride * 4), ps4 = _mm512_set1_epi32(plane_stride * 4);
   const __m512 fy = _mm512_set1_ps(static_cast<float>(y)), one = _mm512_set1_ps(1.0f);
-  for (int x = 0; x < W; x += 16) {
+  const auto taps = [&](int x, Taps& tp) {
     const __mmask16 k = W - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - x)) - 1);
     const __m512 xs = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(x), lane));
-    __m512i x0, sx, y0, sy, s0, ss;
-    __m512 ax, ay, as;
-    axis16(_mm512_add_ps(xs, load16(mu + x, k)), W, x0, sx, ax);
-    axis16(_mm512_add_ps(fy, load16(mv + x, k)), H, y0, sy, ay);
-    axis16(load16(ms + x, k), D, s0, ss, as);
-    // Offsets in floats (x4 channels); x1 = x0 + 1 is always the next packed pixel.
-    const __m512i r0 = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(s0, ps4), _mm512_mullo_epi32(y0, rs4)),
-                                        _mm512_slli_epi32(x0, 2));
-    const __m512i dy = _mm512_mullo_epi32(sy, rs4);
-    _mm512_store_si512(off[0], r0);
-    _mm512_store_si512(off[1], _mm512_add_epi32(r0, dy));
-    const __m512 as1 = _mm512_sub_ps(one, as), ay1 = _mm512_sub_ps(one, ay);
-    _mm512_store_ps(wr[0], _mm512_mul_ps(as1, ay1));
-    _mm512_store_ps(wr[1], _mm512_mul_ps(as1, ay));
-    if constexpr (kCorners == 4) {
-      const __m512i r2 = _mm512_add_epi32(r0, _mm512_mullo_epi32(ss, ps4));
-      _mm512_store_si512(off[2], r2);
-      _mm512_store_si512(off[3], _mm512_add_epi32(r2, dy));
-      _mm512_store_ps(wr[2], _mm512_mul_ps(as, ay1));
-      _mm512_store_ps(wr[3], _mm512_mul_ps(as, ay));
+    const __m512 cx = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(xs, load16(mu + x, k)), _mm512_setzero_ps()),
+                                    _mm512_set1_ps(float(W - 1)));
+    const __m512i x0 = _mm512_cvttps_epi32(cx);
+    _mm512_store_ps(tp.ax, _mm512_sub_ps(cx, _mm512_cvtepi32_ps(x0)));
+    const __m512 cy = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(fy, load16(mv + x, k)), _mm512_setzero_ps()),
+                                    _mm512_set1_ps(float(H - 1)));
+    const __m512i y0 = _mm512_min_epi32(_mm512_cvttps_epi32(cy), _mm512_set1_epi32(H - 2));
+    const __m512 ay = _mm512_sub_ps(cy, _mm512_cvtepi32_ps(y0)), ay1 = _mm512_sub_ps(one, ay);
+    __m512i r0 = _mm512_add_epi32(_mm512_mullo_epi32(y0, rs4), _mm512_slli_epi32(x0, 2));
+    if constexpr (kLevels) {
+      const __m512 cs = _mm512_min_ps(_mm512_max_ps(load16(ms + x, k), _mm512_setzero_ps()), _mm512_set1_ps(float(D - 1)));
+      const __m512i s0 = _mm512_min_epi32(_mm512_cvttps_epi32(cs), _mm512_set1_epi32(D - 2));
+      const __m512 as = _mm512_sub_ps(cs, _mm512_cvtepi32_ps(s0)), as1 = _mm512_sub_ps(one, as);
+      r0 = _mm512_add_epi32(r0, _mm512_mullo_epi32(s0, ps4));
+      _mm512_store_ps(tp.wr[0], _mm512_mul_ps(as1, ay1));
+      _mm512_store_ps(tp.wr[1], _mm512_mul_ps(as1, ay));
+      _mm512_store_ps(tp.wr[2], _mm512_mul_ps(as, ay1));
+      _mm512_store_ps(tp.wr[3], _mm512_mul_ps(as, ay));
+    } else {
+      _mm512_store_ps(tp.wr[0], ay1);
+      _mm512_store_ps(tp.wr[1], ay);
     }
-    _mm512_store_ps(wx, ax);
-    // Read the lanes back from memory: kept in registers, GCC extracts each with a shuffle pair.
-    asm volatile("" : : "r"(off), "r"(wr), "r"(wx) : "memory");
-    // The next row's inputs and output lines, fetched one row ahead: rows are visited in (y, t)
-    // order, so consecutive rows are a plane apart and the hardware prefetchers miss them.
+    _mm512_store_si512(tp.off, r0);
+  };
+  taps(0, buf[0]);
+  for (int x = 0, cur = 0; x < W; x += 16, cur ^= 1) {
+    const __mmask16 k = W - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - x)) - 1);
+    if (x + 16 < W) taps(x + 16, buf[cur ^ 1]);  // the next block's taps, stored well before they are read
+    const int32_t* off = buf[cur].off;
+    const auto& wr = buf[cur].wr;
+    const __m512 ax = _mm512_load_ps(buf[cur].ax), ax1 = _mm512_sub_ps(one, ax);
+    asm volatile("" : : "r"(buf) : "memory");  // lanes are read back as scalars, not extracted
     if (next.frames) {
       for (int j = 0; j < 3; ++j) _mm_prefetch(reinterpret_cast<const char*>(next.motion + j * next.mstride + x), _MM_HINT_T0);
       for (int c = 0; c < C; ++c) {
@@ -332,24 +379,43 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
         _mm_prefetch(reinterpret_cast<const char*>(next.out + c * cstride + x), _MM_HINT_ET0);
       }
     }
-    // Prediction of pixel i (4 channels) = lane group i % 4 of p[i / 4], built in registers.
+    // a(i) = sum over corner rows of w * (x0 channels, x1 channels); two pixels share one x-weight
+    // multiply; four pixels fold their x0 and x1 halves into the prediction vector p[i / 4].
     __m512 p[4];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      __m256 a = _mm256_mul_ps(_mm256_set1_ps(wr[0][i]), _mm256_loadu_ps(pk + off[0][i]));
 #pragma GCC unroll 4
-      for (int r = 1; r < kCorners; ++r) a = _mm256_fmadd_ps(_mm256_set1_ps(wr[r][i]), _mm256_loadu_ps(pk + off[r][i]), a);
-      const __m128 lo = _mm256_castps256_ps128(a), hi = _mm256_extractf128_ps(a, 1);
-      const __m128 v = _mm_fmadd_ps(_mm_set1_ps(wx[i]), _mm_sub_ps(hi, lo), lo);
-      p[i / 4] = i % 4 == 0 ? _mm512_castps128_ps512(v) : _mm512_insertf32x4(p[i / 4], v, i % 4);
+    for (int j = 0; j < 4; ++j) {
+      __m512 z[2];
+#pragma GCC unroll 2
+      for (int q = 0; q < 2; ++q) {
+        __m256 a[2];
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const int i = 4 * j + 2 * q + h;
+          const int64_t o = off[i];
+          a[h] = _mm256_mul_ps(_mm256_set1_ps(wr[0][i]), _mm256_loadu_ps(base[0] + o));
+#pragma GCC unroll 4
+          for (int r = 1; r < kCorners; ++r) a[h] = _mm256_fmadd_ps(_mm256_set1_ps(wr[r][i]), _mm256_loadu_ps(base[r] + o), a[h]);
+        }
+        const int i = 4 * j + 2 * q;
+        const __m512i pair = _mm512_setr_epi32(i, i, i, i, 16 + i, 16 + i, 16 + i, 16 + i, i + 1, i + 1, i + 1, i + 1,
+                                               17 + i, 17 + i, 17 + i, 17 + i);
+        z[q] = _mm512_mul_ps(_mm512_insertf32x8(_mm512_castps256_ps512(a[0]), a[1], 1),
+                             _mm512_permutex2var_ps(ax1, pair, ax));
+      }
+      p[j] = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
     }
-    const __m512 p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3];
     for (int c = 0; c < C; ++c) {
       const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c), _mm512_slli_epi32(lane, 2));
-      const __m512 plane = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(p0, idx, p1),
-                                                _mm512_permutex2var_ps(p2, idx, p3), _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512 f = load16(frames + c * cstride + x, k);
-      store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane), k);
+      const __m512 plane = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(p[0], idx, p[1]),
+                                                _mm512_permutex2var_ps(p[2], idx, p[3]), _MM_SHUFFLE(1, 0, 1, 0));
+      if (k == 0xFFFF) {  // whole vectors: plain loads/stores (masked ones are slower)
+        const __m512 f = load16(frames + c * cstride + x);
+        store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane));
+      } else {
+        const __m512 f = load16(frames + c * cstride + x, k);
+        store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane), k);
+      }
     }
   }
 }
@@ -361,8 +427,8 @@ void warp_forward_avx512(const float* pk_all, const motion_t* mot, const scalar_
   const int D = d.D, H = d.H, W = d.W;
   const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
   const int32_t row_stride = W + 1, plane_stride = H * (W + 1);
-  const auto row_fn = D > 1 ? forward_row_avx512<scalar_t, motion_t, kAdd, 4>
-                            : forward_row_avx512<scalar_t, motion_t, kAdd, 2>;  // L = 0: bilinear
+  const auto row_fn = D > 1 ? forward_row_avx512<scalar_t, motion_t, kAdd, true>
+                            : forward_row_avx512<scalar_t, motion_t, kAdd, false>;  // L = 0: bilinear
   struct Row {
     int64_t b, motion, data;  // batch; offsets of the row in motion and in frames/out
     int y;
@@ -401,7 +467,7 @@ void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_
   const int corners = D == 1 ? 2 : 4;  // L = 0: plain bilinear
   // The SIMD rows address the packed volume with int32 float offsets.
   [[maybe_unused]] const bool use_simd =
-      Cp == kLanes && static_cast<int64_t>(D) * plane_stride * Cp < std::numeric_limits<int32_t>::max();
+      Cp == kLanes && H >= 2 && static_cast<int64_t>(D) * plane_stride * Cp < std::numeric_limits<int32_t>::max();
 #ifdef DECOVAE_WARP_AVX512
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<motion_t, double>) {
     if (use_simd) return warp_forward_avx512<scalar_t, motion_t, kAdd>(pk_all, mot, frames, out, d);
@@ -473,9 +539,12 @@ at::Tensor warp_forward(const at::Tensor& volume_in, const at::Tensor& motion_in
   const at::Tensor volume = volume_in.contiguous();
   const at::Tensor frames = frames_in.contiguous();
   const at::Tensor motion = motion_operand(motion_in, volume);
-  at::Tensor out = at::empty(frames.sizes(), frames.options().memory_format(at::MemoryFormat::Contiguous));
+  // Outputs of 2 MiB or more come from the buffer pool: whether glibc hands out fresh (faulting)
+  // pages for them depends on what the process allocated before (always, from 32 MiB up).
+  at::Tensor out = frames.nbytes() >= kHuge
+                       ? pool.empty(frames.sizes(), frames.scalar_type())
+                       : at::empty(frames.sizes(), frames.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
-  advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_forward", [&] {
     if (motion.scalar_type() == volume.scalar_type()) {
       warp_forward_kernel<scalar_t, scalar_t, kAdd>(volume.const_data_ptr<scalar_t>(),
