@@ -313,8 +313,13 @@ at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
 // permutes. The row tail uses masked loads/stores: masked-off lanes see zero motion, so their
 // (unused) samples stay inside the volume.
 
+// Rows are visited in (y, t) order, so consecutive rows are a plane apart and the hardware
+// prefetchers miss them: each row prefetches the inputs and output lines of the row kRowsAhead
+// later into L2 (two rows ahead into L2 measured 2-8% faster than one row ahead into L1).
+constexpr int64_t kRowsAhead = 2;
+
 template <typename scalar_t, typename motion_t>
-struct NextRow {  // where the next row's data lie (frames == nullptr: none), for prefetching
+struct NextRow {  // where row + kRowsAhead's data lie (frames == nullptr: none), for prefetching
   const motion_t* motion;
   int64_t mstride;
   const scalar_t* frames;
@@ -373,10 +378,10 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
     const __m512 ax = _mm512_load_ps(buf[cur].ax), ax1 = _mm512_sub_ps(one, ax);
     asm volatile("" : : "r"(buf) : "memory");  // lanes are read back as scalars, not extracted
     if (next.frames) {
-      for (int j = 0; j < 3; ++j) _mm_prefetch(reinterpret_cast<const char*>(next.motion + j * next.mstride + x), _MM_HINT_T0);
+      for (int j = 0; j < 3; ++j) _mm_prefetch(reinterpret_cast<const char*>(next.motion + j * next.mstride + x), _MM_HINT_T1);
       for (int c = 0; c < C; ++c) {
-        _mm_prefetch(reinterpret_cast<const char*>(next.frames + c * cstride + x), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(next.out + c * cstride + x), _MM_HINT_ET0);
+        _mm_prefetch(reinterpret_cast<const char*>(next.frames + c * cstride + x), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next.out + c * cstride + x), _MM_HINT_T1);
       }
     }
     // a(i) = sum over corner rows of w * (x0 channels, x1 channels); two pixels share one x-weight
@@ -441,8 +446,8 @@ void warp_forward_avx512(const float* pk_all, const motion_t* mot, const scalar_
     for (int64_t row = begin; row < end; ++row) {
       const Row r = locate(row);
       NextRow<scalar_t, motion_t> next{nullptr, d.T * HW, nullptr, nullptr};
-      if (row + 1 < end) {
-        const Row n = locate(row + 1);
+      if (row + kRowsAhead < end) {
+        const Row n = locate(row + kRowsAhead);
         next = {mot + n.motion, d.T * HW, frames + n.data, out + n.data};
       }
       const motion_t* mu = mot + r.motion;
