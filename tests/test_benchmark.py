@@ -3,6 +3,7 @@ contract of DESIGN.md, the PyTorch baselines it times, and the table. No timing 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,11 @@ def test_ops_result_follows_the_contract(op_result):
         assert (name, B.TORCH_GRID_SAMPLE) in backends
     for name in ("causal_conv3d.fwd", "causal_conv3d.block"):
         assert (name, B.TORCH_SEQUENCE) in backends
+    for name in ("warp_residual.fwd", "warp_add.fwd"):  # the same-moment copy yardstick, same bytes
+        copy = next(r for r in op_result["rows"] if r["name"] == name and r["backend"] == B.COPY_SAME_BYTES)
+        ref = next(r for r in op_result["rows"] if r["name"] == name and r["backend"] == "reference")
+        assert copy["gbps"] == pytest.approx(ref["gbps"] * ref["median_ms"] / copy["median_ms"], rel=1e-2)
+    assert not any(c["backend"] in B.YARDSTICKS for c in op_result["checks"])  # not an implementation
     for name in names:  # every usable fast backend is timed beside the reference
         op = name.split(".")[0]
         for b in ["reference"] + B.fast_backends(op, CPU):
@@ -115,6 +121,9 @@ def test_targets_are_judged_from_the_rows(op_result):
     assert "tiny encode at 1x3x9x128x128: 12.00x the Wan 2.1 VAE's frames/s (target >= 3x): met" in table
     assert "tiny decode at 1x3x9x128x128: 2.00x the Wan 2.1 VAE's frames/s (target >= 3x): MISSED" in table
     assert "0.54x the Wan 2.1 VAE's elements (target <= 0.6x): met" in table
+    assert re.search(r"warp_residual.fwd cpu \S+ L=\d: [\d.]+x the reference \(target >= 8x\): (met|MISSED); "
+                     r"[\d.]+% of the run's copy bandwidth \(\d+% of the same-size copy timed interleaved with it\) "
+                     r"\(target >= 40%\): (met|MISSED)", table)
     assert "causal_conv3d.block" in table and "Reproduce: `decovae bench --quick --json bench/results/x.json`" in table
 
 
