@@ -165,6 +165,28 @@ def test_cpu_warp_concurrent_calls():
 
 
 @needs_ext
+def test_cpu_warp_pooled_output_is_an_ordinary_tensor():
+    """Outputs of 2 MiB or more live on pooled buffers; they must still grow, share and save."""
+    import io
+
+    volume, motion, frames = make_inputs((1, 3, 4, 3, 200, 300), torch.float32)
+    with ops.use_backend("cpu"):
+        out = ops.warp_residual(volume, motion, frames)
+    assert out.nbytes >= 2**21 and out.untyped_storage().resizable()
+    want = out.clone()
+    out.resize_(2, *out.shape[1:])  # moves to new memory; the pooled buffer goes back to the pool
+    assert torch.equal(out[:1], want)
+    with ops.use_backend("cpu"):
+        again = ops.warp_residual(volume, motion, frames)  # may reuse that buffer
+    assert torch.equal(again, want) and torch.equal(out[:1], want)
+    again.share_memory_()
+    buf = io.BytesIO()
+    torch.save(again, buf)
+    buf.seek(0)
+    assert again.is_shared() and torch.equal(torch.load(buf), want)
+
+
+@needs_ext
 def test_cpu_warp_pooled_output_outlives_the_library():
     """Outputs on pooled buffers that are still alive at interpreter exit are freed after the
     extension's static destructors have run: the process must still exit cleanly."""

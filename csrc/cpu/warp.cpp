@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
+#include <c10/core/CPUAllocator.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -173,7 +174,14 @@ class BufferPool {
       madvise(mem, cap, MADV_HUGEPAGE);  // advisory: a failure only costs speed
 #endif
     }
-    return at::from_blob(mem, sizes, [this, cap](void* q) { give(q, cap); }, at::TensorOptions().dtype(dtype));
+    // Resizable like any CPU tensor: growing it moves the data to the CPU allocator's memory
+    // and returns this buffer to the pool.
+    return at::for_blob(mem, sizes)
+        .deleter([this, cap](void* q) { give(q, cap); })
+        .options(at::TensorOptions().dtype(dtype))
+        .resizeable_storage()
+        .allocator(c10::GetCPUAllocator())
+        .make_tensor();
   }
 
  private:
