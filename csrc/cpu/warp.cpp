@@ -338,8 +338,8 @@ struct NextRow {  // where row + kRowsAhead's data lie (frames == nullptr: none)
 // strides in packed pixels. kLevels false for L = 0 (plain bilinear: two corner rows).
 template <typename scalar_t, typename motion_t, bool kAdd, bool kLevels>
 void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const motion_t* mv, const motion_t* ms,
-                    const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W,
-                    int32_t row_stride, int32_t plane_stride, NextRow<scalar_t, motion_t> next) {
+                        const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W,
+                        int32_t row_stride, int32_t plane_stride, NextRow<scalar_t, motion_t> next) {
   constexpr int kCorners = kLevels ? 4 : 2;
   struct Taps {
     alignas(64) int32_t off[16];
@@ -422,7 +422,7 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
       const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c), _mm512_slli_epi32(lane, 2));
       const __m512 plane = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(p[0], idx, p[1]),
                                                 _mm512_permutex2var_ps(p[2], idx, p[3]), _MM_SHUFFLE(1, 0, 1, 0));
-      if (k == 0xFFFF) {  // whole vectors: plain loads/stores (masked ones are slower)
+      if (k == 0xFFFF) {  // whole vectors: unmasked loads and stores
         const __m512 f = load16(frames + c * cstride + x);
         store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane));
       } else {
