@@ -162,9 +162,12 @@ constexpr size_t kPoolBytes = size_t(128) << 20;
 
 class BufferPool {
  public:
-  // A tensor on a pooled buffer of at least the tensor's size; it goes back to the pool when freed.
+  // An uninitialised contiguous CPU tensor. From kHuge bytes up it lies on a pooled buffer of at
+  // least its size, which goes back to the pool when the tensor is freed; smaller ones come from
+  // the CPU allocator (their page faults are cheap, and glibc reuses such memory).
   at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
     const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+    if (bytes < kHuge) return at::empty(sizes, at::TensorOptions().dtype(dtype));
     const size_t cap = (bytes + kHuge - 1) / kHuge * kHuge;
     void* mem = take(cap);
     if (!mem) {
@@ -237,16 +240,6 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 k) {  // as c10::round
   _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
 }
 
-// Whole 16-lane vectors.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load16(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(c10::Half* p, __m512 v) { store16(p, v, __mmask16(0xFFFF)); }
-inline void store16(c10::BFloat16* p, __m512 v) { store16(p, v, __mmask16(0xFFFF)); }
-
 // One packed row (Cp = 4, fp32) from C <= 4 channel rows: 16 pixels at a time, the channel
 // vectors interleaved with two rounds of permutes (channels beyond C are 0).
 template <typename scalar_t>
@@ -279,10 +272,7 @@ void pack_row_avx512(const scalar_t* src, int64_t cstride, int C, int W, float* 
 template <typename scalar_t, typename acc_t>
 at::Tensor pack_volume(const scalar_t* vol, const Dims& d, int64_t Cp) {
   const int64_t W1 = d.W + 1, HW = d.H * d.W;
-  const std::vector<int64_t> sizes = {d.B, d.D, d.H, W1, Cp};
-  const auto type = c10::CppTypeToScalarType<acc_t>::value;
-  at::Tensor packed = c10::multiply_integers(sizes) * sizeof(acc_t) >= kHuge ? pool.empty(sizes, type)
-                                                                             : at::empty(sizes, at::TensorOptions().dtype(type));
+  at::Tensor packed = pool.empty({d.B, d.D, d.H, W1, Cp}, c10::CppTypeToScalarType<acc_t>::value);
   acc_t* pk = packed.mutable_data_ptr<acc_t>();
   at::parallel_for(0, d.B * d.D * d.H, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
@@ -422,13 +412,8 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
       const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(c), _mm512_slli_epi32(lane, 2));
       const __m512 plane = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(p[0], idx, p[1]),
                                                 _mm512_permutex2var_ps(p[2], idx, p[3]), _MM_SHUFFLE(1, 0, 1, 0));
-      if (k == 0xFFFF) {  // whole vectors: unmasked loads and stores
-        const __m512 f = load16(frames + c * cstride + x);
-        store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane));
-      } else {
-        const __m512 f = load16(frames + c * cstride + x, k);
-        store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane), k);
-      }
+      const __m512 f = load16(frames + c * cstride + x, k);
+      store16(out + c * cstride + x, kAdd ? _mm512_add_ps(f, plane) : _mm512_sub_ps(f, plane), k);
     }
   }
 }
@@ -552,11 +537,9 @@ at::Tensor warp_forward(const at::Tensor& volume_in, const at::Tensor& motion_in
   const at::Tensor volume = volume_in.contiguous();
   const at::Tensor frames = frames_in.contiguous();
   const at::Tensor motion = motion_operand(motion_in, volume);
-  // Outputs of 2 MiB or more come from the buffer pool: whether glibc hands out fresh (faulting)
-  // pages for them depends on what the process allocated before (always, from 32 MiB up).
-  at::Tensor out = frames.nbytes() >= kHuge
-                       ? pool.empty(frames.sizes(), frames.scalar_type())
-                       : at::empty(frames.sizes(), frames.options().memory_format(at::MemoryFormat::Contiguous));
+  // From the buffer pool: whether glibc hands out fresh (faulting) pages for a multi-MiB output
+  // depends on what the process allocated before (always, from 32 MiB up).
+  at::Tensor out = pool.empty(frames.sizes(), frames.scalar_type());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_forward", [&] {
     if (motion.scalar_type() == volume.scalar_type()) {
