@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from decovae_fast import ops
-from decovae_fast.benchmark import smooth_motion
+from decovae_fast.benchmark import Timing, interleaved, smooth_motion
 
 
 def main() -> None:
@@ -42,21 +41,15 @@ def main() -> None:
              "smooth flow, constant scale": scale_fixed, "smooth flow and scale (bench)": smooth}
     fns = {name: (lambda m: lambda: ops.warp_residual(volume, m, frames))(m) for name, m in cases.items()}
     fns["copy of the same bytes"] = lambda: dst.copy_(src)
-    times = {name: [] for name in fns}
     with ops.use_backend("cpu"):
-        for fn in fns.values():
-            fn()
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved(fns, torch.device("cpu"), Timing(warmup=1, min_rounds=args.rounds,
+                                                              max_rounds=args.rounds, budget_s=0.0))
     px = T * H * W
     print(f"warp_residual fwd, fp32, 1x3x{T}x{H}x{W} L={L}, {torch.get_num_threads()} threads")
     for name, ts in times.items():
-        best, med = min(ts), statistics.median(ts)
-        print(f"  {name:30s} best {best * 1e9 / px:6.2f} ns/px  median {med * 1e9 / px:6.2f} ns/px  "
-              f"{ideal / med / 1e9:6.1f} GB/s")
+        best, med = min(ts), statistics.median(ts)  # ms
+        print(f"  {name:30s} best {best * 1e6 / px:6.2f} ns/px  median {med * 1e6 / px:6.2f} ns/px  "
+              f"{ideal / med / 1e6:6.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ TORCH_SEQUENCE = "torch_sequence"         # conv ops: Wan's RMSNorm -> SiLU -> c
 # the machine's copy bandwidth at the same moment, a yardstick beside the run's best copy sample
 COPY_SAME_BYTES = "copy_same_bytes"
 YARDSTICKS = (COPY_SAME_BYTES,)
+NOT_FAST = ("reference", TORCH_GRID_SAMPLE, TORCH_SEQUENCE) + YARDSTICKS  # rows that are no fast backend
 # max |fast - reference| / max |reference| accepted by the sanity check of each timed path; loose
 # because it only guards against timing a wrong computation (the tests hold the real tolerances):
 # fp16/bf16 carry 11/8 significant bits and the conv sums ~3500 products.
@@ -756,7 +757,7 @@ def target_lines(result: dict) -> list[str]:
             ratio = t["latent_elements"] / wan["latent_elements"]
             out.append(f"tiny latent at {t['shape']}: {ratio:.2f}x the Wan 2.1 VAE's elements (target <= 0.6x): "
                        f"{verdict(ratio <= 0.6)}")
-    fast = [r for r in _get(rows, "warp_residual.fwd") if r["backend"] not in ("reference", TORCH_GRID_SAMPLE) + YARDSTICKS]
+    fast = [r for r in _get(rows, "warp_residual.fwd") if r["backend"] not in NOT_FAST]
     for r in fast:
         copy = next(_get(rows, "warp_residual.fwd", COPY_SAME_BYTES, r["shape"]), None)
         same = (f" ({100 * r['gbps'] / copy['gbps']:.0f}% of the same-size copy timed interleaved with it)"
@@ -765,21 +766,21 @@ def target_lines(result: dict) -> list[str]:
                    f"{verdict(r['speedup'] >= 8)}; {100 * r['ceiling_fraction']:.1f}% of the run's copy bandwidth"
                    f"{same} (target >= 40%): {verdict(r['ceiling_fraction'] >= 0.4)}")
     for r in _get(rows, "warp_residual.fwd_bwd"):
-        if r["backend"] not in ("reference", TORCH_GRID_SAMPLE):
+        if r["backend"] not in NOT_FAST:
             out.append(f"warp_residual.fwd_bwd {r['backend']} {r['shape']}: {r['speedup']:.2f}x the reference "
                        f"(target >= 4x): {verdict(r['speedup'] >= 4)}")
     if not fast and any(_get(rows, "warp_residual.fwd")):
         out.append("warp_residual.fwd: no fast backend was available in this run: targets not measured")
     blocks = list(_get(rows, "causal_conv3d.block"))
     for r in blocks:
-        if r["backend"] in ("reference", TORCH_SEQUENCE):
+        if r["backend"] in NOT_FAST:
             continue
         t = next((s for s in blocks if s["shape"] == r["shape"] and s["backend"] == TORCH_SEQUENCE), None)
         if t:
             ratio = t["median_ms"] / r["median_ms"]
             out.append(f"causal_conv3d.block {r['backend']} {r['shape']}: {ratio:.2f}x the PyTorch sequence "
                        f"(target >= 1.3x): {verdict(ratio >= 1.3)}")
-    if blocks and all(r["backend"] in ("reference", TORCH_SEQUENCE) for r in blocks):
+    if blocks and all(r["backend"] in NOT_FAST for r in blocks):
         out.append("causal_conv3d.block: no fast backend was available in this run: target not measured")
     return out + stream_target_lines(result)
 
