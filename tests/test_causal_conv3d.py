@@ -67,6 +67,18 @@ def run(backend, inp, options="all"):
                                  residual=inp["residual"])
 
 
+def grads(backend, inp, options="all", upstream_seed=None):
+    """Gradients of every tensor argument of `run` on one backend: of sum(y) in fp32, or of
+    sum(y * g) for a random g drawn with upstream_seed."""
+    args = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    y, _ = run(backend, args, options)
+    if upstream_seed is None:
+        y.float().sum().backward()
+    else:
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(upstream_seed))).sum().backward()
+    return {k: args[k].grad for k in ARG_NAMES if isinstance(args[k], torch.Tensor)}
+
+
 def assert_matches(got, want, tol):
     assert got.dtype == want.dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want.double(), atol=tol, rtol=tol)
@@ -221,38 +233,19 @@ def test_gradcheck_fp64(options, kernel, stride):
                                                  ((1, 3, 3), (1, 2, 2), False)])
 def test_grads_match_reference_fp32(options, kernel, stride, cache):
     inp = make_inputs(B=2, C=5, Cout=4, T=5, H=7, W=6, kernel=kernel, stride=stride, cache=cache, options=options)
-    _, pro, epi, _, _ = OPTIONS[options]
-    grads = {}
-    for backend in ("cpu", "reference"):
-        args = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-        with ops.use_backend(backend):
-            y, _ = ops.causal_conv3d(args["x"], args["weight"], args["bias"], stride, args["cache"],
-                                     norm_weight=args["norm_weight"], prologue_silu=pro, epilogue_silu=epi,
-                                     residual=args["residual"])
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-        (y * g).sum().backward()
-        grads[backend] = {k: args[k].grad for k in ARG_NAMES if isinstance(args[k], torch.Tensor)}
-    assert grads["cpu"].keys() == grads["reference"].keys()
-    for k in grads["cpu"]:
-        torch.testing.assert_close(grads["cpu"][k], grads["reference"][k], atol=1e-4, rtol=1e-4, msg=k)
+    got, want = (grads(b, inp, options, upstream_seed=1) for b in ("cpu", "reference"))
+    assert got.keys() == want.keys()
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
 def test_grads_bf16():
     inp = make_inputs(B=1, C=4, Cout=3, T=3, H=5, W=5, dtype=torch.bfloat16)
-    grads = {}
-    for backend in ("cpu", "reference"):
-        args = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-        with ops.use_backend(backend):
-            y, _ = ops.causal_conv3d(args["x"], args["weight"], args["bias"], (1, 1, 1), args["cache"],
-                                     norm_weight=args["norm_weight"], prologue_silu=True, epilogue_silu=True,
-                                     residual=args["residual"])
-        y.float().sum().backward()
-        grads[backend] = {k: args[k].grad for k in ARG_NAMES}
+    got, want = (grads(b, inp) for b in ("cpu", "reference"))
     for k in ARG_NAMES:
-        assert grads["cpu"][k].dtype == torch.bfloat16
+        assert got[k].dtype == torch.bfloat16
         # Both compute in fp32; the grads are rounded to bf16 once (sums over many terms: 2 ulps).
-        torch.testing.assert_close(grads["cpu"][k].float(), grads["reference"][k].float(), atol=3e-2, rtol=3e-2,
-                                   msg=k)
+        torch.testing.assert_close(got[k].float(), want[k].float(), atol=3e-2, rtol=3e-2, msg=k)
 
 
 def test_backward_output_mask():
@@ -365,15 +358,7 @@ def test_gpu_non_contiguous():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_grads_match_reference(dtype):
     inp = make_inputs(B=2, C=5, Cout=4, T=5, H=7, W=6, device="cuda", dtype=dtype)
-    grads = {}
-    for backend in ("cuda", "reference"):
-        args = {k: (v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
-        with ops.use_backend(backend):
-            y, _ = ops.causal_conv3d(args["x"], args["weight"], args["bias"], (1, 1, 1), args["cache"],
-                                     norm_weight=args["norm_weight"], prologue_silu=True, epilogue_silu=True,
-                                     residual=args["residual"])
-        y.float().sum().backward()
-        grads[backend] = {k: args[k].grad for k in ARG_NAMES}
+    got, want = (grads(b, inp) for b in ("cuda", "reference"))
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     for k in ARG_NAMES:
-        torch.testing.assert_close(grads["cuda"][k].float(), grads["reference"][k].float(), atol=tol, rtol=tol, msg=k)
+        torch.testing.assert_close(got[k].float(), want[k].float(), atol=tol, rtol=tol, msg=k)
