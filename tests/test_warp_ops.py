@@ -32,19 +32,19 @@ def assert_close(actual, expected, dtype, what):
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
-def make_inputs(shape, dtype, motion_dtype=None, *, far=False, seed=0, device="cpu"):
+def make_inputs(shape, dtype, motion_dtype=None, *, far=False, reach=3.0, seed=0, device="cpu"):
     """volume (B,C,L+1,H,W), motion (B,3,T,H,W), frames (B,C,T,H,W).
 
     Flows are quantised to 1/4 px and offset by 1/8, so every sample coordinate is exactly
     representable in every dtype (kernel and reference see the same point) and lies strictly
     between grid points and borders (the derivative is one-sided on them). s spans beyond [0, L]
-    on both sides; with far=True the flows point up to 3 images outside the frame.
+    on both sides; flows reach up to `reach` pixels, with far=True up to 3 images outside the frame.
     """
     B, C, T, D, H, W = shape
     g = torch.Generator().manual_seed(seed)
     volume = torch.randn(B, C, D, H, W, generator=g)
     frames = torch.randn(B, C, T, H, W, generator=g)
-    reach = 3.0 * max(H, W) if far else 3.0
+    reach = 3.0 * max(H, W) if far else reach
     uv = (torch.rand(B, 2, T, H, W, generator=g) * 2 - 1) * reach
     s = torch.rand(B, 1, T, H, W, generator=g) * (D - 1 + 3.0) - 1.5  # [-1.5, L + 1.5]
     motion = torch.floor(torch.cat([uv, s], 1) * 4) / 4 + 0.125
@@ -116,6 +116,23 @@ def test_cpu_warp_far_flows(dtype):
     inputs = make_inputs((1, 2, 2, 4, 11, 13), dtype, far=True)
     assert (inputs[1][:, :2].abs() > 13).any()
     _compare(_cpu("warp_residual"), R.warp_residual, inputs, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("levels", [0, 3])
+@pytest.mark.parametrize("reach", [12.0, None], ids=["reach12", "far"])
+def test_cpu_warp_flows_beyond_the_row_window(dtype, levels, reach):
+    """The SIMD forward keeps the rows around the output row (y - 7 .. y + 8) packed; samples
+    further away along y are packed one by one. Rows of 45 px, flows of up to 12 px (a mix of both
+    in most 16-px blocks) or 3 images: both kinds of sample, in two batches, against the reference."""
+    shape = (2, 3, 3, levels + 1, 45, 37)
+    inputs = make_inputs(shape, dtype, far=reach is None, reach=reach or 0.0)
+    v = inputs[1][:, 1].float()
+    assert (v.abs() > 9).any() and (v.abs() < 7).any()
+    for op in ("warp_residual", "warp_add"):
+        got, want = _cpu(op)(*inputs), getattr(R, op)(*inputs)
+        assert_close(got, want, dtype, op)
 
 
 @needs_ext

@@ -3,10 +3,12 @@
 //
 // Per output row (b, t, y) the kernels first turn the row's motion into corner offsets and weights
 // (one vectorisable pass), then trilinearly sample the volume, so the frames/residual and motion
-// are streamed once. The forward samples a channel-interleaved copy of the volume (pack_volume);
-// the backward reads the volume as it is. With AVX-512 (fp32 math, C <= 4, H >= 2) the forward
-// works on 16 pixels at a time (forward_row_avx512); otherwise it uses the portable loops below.
-// Large buffers (packed volume, outputs) come from a small pool (BufferPool) to skip page faults.
+// are streamed once. The forward samples a channel-interleaved copy of the volume; the backward
+// reads the volume as it is. With AVX-512 (fp32 math, C <= 4, H >= 2) the forward works on 16
+// pixels at a time (forward_row_avx512) and packs the volume rows as it needs them (RowRing);
+// otherwise it packs the whole volume first (pack_volume) and uses the portable loops below.
+// Large buffers (packed volume, rings, outputs) come from a small pool (BufferPool) to skip page
+// faults.
 // Math is in fp32 (fp64 for fp64 inputs). The backward scatters into one fp32 partial volume
 // gradient per work chunk; chunks are a fixed split of the rows and are summed in chunk order, so
 // the result is bitwise reproducible for a given thread count (no atomics).
@@ -147,13 +149,14 @@ inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
 // The forward reads the volume repacked as (B, D, H, W+1, Cp) in acc_t: the channels of a pixel
 // (Cp = C rounded up to 4) are contiguous and each row carries a copy of its last column, so the
 // two x-neighbours of a corner row are one contiguous run of 2*Cp values, read without a gather,
-// even at the right border (x1 = x0). Costs one pass over the volume; the frames dominate.
+// even at the right border (x1 = x0). The SIMD forward packs rows in this layout into a ring.
 constexpr int kLanes = 4;
 typedef float v4f __attribute__((vector_size(16)));  // GCC/Clang vector extension, any ISA
 
-// Large buffers (the packed volume, big outputs) come from a small pool and ask for transparent
-// huge pages. The packed volume is read at scattered rows of several levels, and 4 KiB pages make
-// that miss the TLB (measured: ~20% of the 256^2 forward). A fresh multi-MiB buffer is page-faulted
+// Large buffers (the packed volume, big outputs) and the row rings come from a small pool and ask
+// for transparent huge pages. Packed rows are read at scattered rows of several levels, and 4 KiB
+// pages make that miss the TLB (measured: ~20% of the 256^2 forward with the whole volume packed,
+// ~5% with a ring of rows). A fresh multi-MiB buffer is page-faulted
 // (and zeroed by the kernel) on every call: glibc maps buffers of 32 MiB or more anew each time,
 // which cost 6 ms of a 30 ms call at 512^2 for the packed volume, and ~2 ms per 50 MiB output
 // even with huge pages. Freed buffers are kept for the next call, up to kPoolBytes in all.
@@ -162,12 +165,13 @@ constexpr size_t kPoolBytes = size_t(128) << 20;
 
 class BufferPool {
  public:
-  // An uninitialised contiguous CPU tensor. From kHuge bytes up it lies on a pooled buffer of at
-  // least its size, which goes back to the pool when the tensor is freed; smaller ones come from
-  // the CPU allocator (their page faults are cheap, and glibc reuses such memory).
-  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
+  // An uninitialised contiguous CPU tensor. From `pooled_from` bytes up it lies on a pooled buffer
+  // of at least its size (whole huge pages), which goes back to the pool when the tensor is freed;
+  // smaller ones come from the CPU allocator (their page faults are cheap, and glibc reuses such
+  // memory).
+  at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype, size_t pooled_from = kHuge) {
     const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
-    if (bytes < kHuge) return at::empty(sizes, at::TensorOptions().dtype(dtype));
+    if (bytes < pooled_from) return at::empty(sizes, at::TensorOptions().dtype(dtype));
     const size_t cap = (bytes + kHuge - 1) / kHuge * kHuge;
     void* mem = take(cap);
     if (!mem) {
@@ -324,21 +328,94 @@ struct NextRow {  // where row + kRowsAhead's data lie (frames == nullptr: none)
   scalar_t* out;
 };
 
-// One output row: out[c][x] = frames[c][x] -/+ sample. pk: packed volume of this batch (Cp = 4);
-// strides in packed pixels. kLevels false for L = 0 (plain bilinear: two corner rows).
+// The rows of the packed volume that one thread's output rows sample. Rows are visited in (b, y, t)
+// order, so the rows an output row y samples are mostly within y - kReach .. y + kReach + 1; a
+// ring of kRows packed rows (all levels) holds that window and is refilled as y advances. The
+// rows are packed right before they are sampled, so they are read back from L2 instead of being
+// written to and re-read from memory in a separate pass (measured: the pass cost ~20% at 256^2).
+// A sample outside the window (flow of more than kReach pixels along y) is packed on the spot
+// into scratch rows (fill_far). Slot kRows repeats slot 0, so a window row's lower neighbour is
+// always the next slot.
+template <typename scalar_t>
+struct RowRing {
+  static constexpr int kRows = 16, kReach = kRows / 2 - 1;
+  static constexpr int kScratch = kRows + 1, kSlots = kRows + 3;
+
+  RowRing(const scalar_t* vol, const Dims& d)
+      : vol(vol), d(d), row_stride(std::max<int32_t>(d.W + 1, 32)), plane_stride(kSlots * row_stride),
+        buf(pool.empty({d.D * plane_stride * kLanes}, at::kFloat, /*pooled_from=*/0)), data(buf.mutable_data_ptr<float>()) {}
+
+  // Makes the window around output row y of batch b resident. Within a batch, y never decreases.
+  void advance(int64_t batch, int y) {
+    const int want_lo = std::max(0, y - kReach), want_hi = std::min<int>(d.H - 1, y + kReach + 1);
+    if (batch != b || want_lo > hi) {
+      b = batch;
+      hi = want_lo - 1;
+    }
+    for (int r = hi + 1; r <= want_hi; ++r) pack(r);
+    lo = want_lo;
+    hi = want_hi;
+  }
+
+  // Packs the four corner rows of a sample outside the window, (x0, x1) x channels each, into
+  // the scratch rows at column xs: the sample then reads them with the window's strides.
+  void fill_far(int xs, int x0, int y0, int s0, int corners) const {
+    const int64_t HW = d.H * d.W, x1 = std::min<int64_t>(x0 + 1, d.W - 1);
+    const scalar_t* vb = vol + b * d.C * d.D * HW;
+    for (int r = 0; r < corners; ++r) {
+      const int64_t s = s0 + (r >> 1), y = y0 + (r & 1);
+      float* dst = data + (static_cast<int64_t>(r >> 1) * plane_stride + (kScratch + (r & 1)) * row_stride + xs) * kLanes;
+      for (int c = 0; c < kLanes; ++c) {
+        const scalar_t* src = vb + (c * d.D + s) * HW + y * d.W;
+        dst[c] = c < d.C ? static_cast<float>(src[x0]) : 0.0f;
+        dst[kLanes + c] = c < d.C ? static_cast<float>(src[x1]) : 0.0f;
+      }
+    }
+  }
+
+  const scalar_t* vol;
+  const Dims& d;
+  const int32_t row_stride, plane_stride;  // in packed pixels
+  at::Tensor buf;
+  float* data;
+  int64_t b = -1;
+  int lo = 0, hi = -1;  // rows resident: lo .. hi
+
+ private:
+  void pack(int r) {
+    const int64_t HW = d.H * d.W;
+    const int slot = r & (kRows - 1);
+    for (int64_t s = 0; s < d.D; ++s) {
+      float* dst = data + (s * plane_stride + static_cast<int64_t>(slot) * row_stride) * kLanes;
+      pack_row_avx512(vol + (b * d.C * d.D + s) * HW + static_cast<int64_t>(r) * d.W, d.D * HW,
+                      static_cast<int>(d.C), d.W, dst);
+      if (slot == 0) std::memcpy(dst + kRows * row_stride * kLanes, dst, (d.W + 1) * kLanes * sizeof(float));
+    }
+  }
+};
+
+// One output row: out[c][x] = frames[c][x] -/+ sample, sampling the ring's window.
+// kLevels false for L = 0 (plain bilinear: two corner rows).
 template <typename scalar_t, typename motion_t, bool kAdd, bool kLevels>
-void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const motion_t* mv, const motion_t* ms,
+void forward_row_avx512(const RowRing<scalar_t>& ring, const motion_t* mu, const motion_t* mv, const motion_t* ms,
                         const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W,
-                        int32_t row_stride, int32_t plane_stride, NextRow<scalar_t, motion_t> next) {
+                        NextRow<scalar_t, motion_t> next) {
+  using Ring = RowRing<scalar_t>;
   constexpr int kCorners = kLevels ? 4 : 2;
   struct Taps {
     alignas(64) int32_t off[16];
     alignas(64) float wr[kCorners][16];
     alignas(64) float ax[16];
+    alignas(64) int32_t x0[16], y0[16], s0[16];  // of samples outside the window (far)
+    __mmask16 far;
   } buf[2];
+  const int32_t row_stride = ring.row_stride, plane_stride = ring.plane_stride;
+  const float* pk = ring.data;
   const float* base[4] = {pk, pk + 4 * row_stride, pk + 4 * plane_stride, pk + 4 * (plane_stride + row_stride)};
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i rs4 = _mm512_set1_epi32(row_stride * 4), ps4 = _mm512_set1_epi32(plane_stride * 4);
+  const __m512i slot_mask = _mm512_set1_epi32(Ring::kRows - 1);
+  const __m512i win_lo = _mm512_set1_epi32(ring.lo), win_hi1 = _mm512_set1_epi32(ring.hi - 1);
   const __m512 fy = _mm512_set1_ps(static_cast<float>(y)), one = _mm512_set1_ps(1.0f);
   const auto taps = [&](int x, Taps& tp) {
     const __mmask16 k = W - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - x)) - 1);
@@ -351,10 +428,11 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
                                     _mm512_set1_ps(float(H - 1)));
     const __m512i y0 = _mm512_min_epi32(_mm512_cvttps_epi32(cy), _mm512_set1_epi32(H - 2));
     const __m512 ay = _mm512_sub_ps(cy, _mm512_cvtepi32_ps(y0)), ay1 = _mm512_sub_ps(one, ay);
-    __m512i r0 = _mm512_add_epi32(_mm512_mullo_epi32(y0, rs4), _mm512_slli_epi32(x0, 2));
+    __m512i r0 = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_and_si512(y0, slot_mask), rs4), _mm512_slli_epi32(x0, 2));
+    __m512i s0 = _mm512_setzero_si512();
     if constexpr (kLevels) {
       const __m512 cs = _mm512_min_ps(_mm512_max_ps(load16(ms + x, k), _mm512_setzero_ps()), _mm512_set1_ps(float(D - 1)));
-      const __m512i s0 = _mm512_min_epi32(_mm512_cvttps_epi32(cs), _mm512_set1_epi32(D - 2));
+      s0 = _mm512_min_epi32(_mm512_cvttps_epi32(cs), _mm512_set1_epi32(D - 2));
       const __m512 as = _mm512_sub_ps(cs, _mm512_cvtepi32_ps(s0)), as1 = _mm512_sub_ps(one, as);
       r0 = _mm512_add_epi32(r0, _mm512_mullo_epi32(s0, ps4));
       _mm512_store_ps(tp.wr[0], _mm512_mul_ps(as1, ay1));
@@ -366,14 +444,27 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
       _mm512_store_ps(tp.wr[1], ay);
     }
     _mm512_store_si512(tp.off, r0);
+    // far: corner rows y0, y0 + 1 not both in the window lo .. hi
+    tp.far = _mm512_mask_cmplt_epi32_mask(k, y0, win_lo) | _mm512_mask_cmpgt_epi32_mask(k, y0, win_hi1);
+    if (tp.far) {
+      _mm512_store_si512(tp.x0, x0);
+      _mm512_store_si512(tp.y0, y0);
+      _mm512_store_si512(tp.s0, s0);
+    }
   };
   taps(0, buf[0]);
   for (int x = 0, cur = 0; x < W; x += 16, cur ^= 1) {
     const __mmask16 k = W - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - x)) - 1);
     if (x + 16 < W) taps(x + 16, buf[cur ^ 1]);  // the next block's taps, stored well before they are read
-    const int32_t* off = buf[cur].off;
-    const auto& wr = buf[cur].wr;
-    const __m512 ax = _mm512_load_ps(buf[cur].ax), ax1 = _mm512_sub_ps(one, ax);
+    Taps& tc = buf[cur];
+    for (unsigned far = tc.far; far; far &= far - 1) {
+      const int i = __builtin_ctz(far);
+      ring.fill_far(2 * i, tc.x0[i], tc.y0[i], tc.s0[i], kCorners);
+      tc.off[i] = (Ring::kScratch * row_stride + 2 * i) * 4;
+    }
+    const int32_t* off = tc.off;
+    const auto& wr = tc.wr;
+    const __m512 ax = _mm512_load_ps(tc.ax), ax1 = _mm512_sub_ps(one, ax);
     asm volatile("" : : "r"(buf) : "memory");  // lanes are read back as scalars, not extracted
     if (next.frames) {
       for (int j = 0; j < 3; ++j) _mm_prefetch(reinterpret_cast<const char*>(next.motion + j * next.mstride + x), _MM_HINT_T1);
@@ -418,13 +509,13 @@ void forward_row_avx512(const float* __restrict pk, const motion_t* mu, const mo
   }
 }
 
-// The whole forward on the SIMD rows, in (b, y, t) order (see warp_forward_kernel).
+// The whole forward on the SIMD rows, in (b, y, t) order (see warp_forward_kernel); each work
+// chunk packs the volume rows it samples into its own ring.
 template <typename scalar_t, typename motion_t, bool kAdd>
-void warp_forward_avx512(const float* pk_all, const motion_t* mot, const scalar_t* frames, scalar_t* out,
+void warp_forward_avx512(const scalar_t* vol, const motion_t* mot, const scalar_t* frames, scalar_t* out,
                          const Dims& d) {
   const int D = d.D, H = d.H, W = d.W;
   const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
-  const int32_t row_stride = W + 1, plane_stride = H * (W + 1);
   const auto row_fn = D > 1 ? forward_row_avx512<scalar_t, motion_t, kAdd, true>
                             : forward_row_avx512<scalar_t, motion_t, kAdd, false>;  // L = 0: bilinear
   struct Row {
@@ -435,7 +526,10 @@ void warp_forward_avx512(const float* pk_all, const motion_t* mot, const scalar_
     const int64_t b = row / (d.T * d.H), t = row % d.T, y = (row / d.T) % d.H;
     return Row{b, (b * 3 * d.T + t) * HW + y * W, (b * d.C * d.T + t) * HW + y * W, static_cast<int>(y)};
   };
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  // A chunk repacks up to kRows - 1 rows beyond the ones it owns: at least 8 image rows per chunk
+  // keep that under ~2x the packing of one pass over the volume.
+  at::parallel_for(0, rows, 8 * d.T, [&](int64_t begin, int64_t end) {
+    RowRing<scalar_t> ring(vol, d);
     for (int64_t row = begin; row < end; ++row) {
       const Row r = locate(row);
       NextRow<scalar_t, motion_t> next{nullptr, d.T * HW, nullptr, nullptr};
@@ -443,9 +537,10 @@ void warp_forward_avx512(const float* pk_all, const motion_t* mot, const scalar_
         const Row n = locate(row + kRowsAhead);
         next = {mot + n.motion, d.T * HW, frames + n.data, out + n.data};
       }
+      ring.advance(r.b, r.y);
       const motion_t* mu = mot + r.motion;
-      row_fn(pk_all + r.b * D * plane_stride * 4, mu, mu + d.T * HW, mu + 2 * d.T * HW, frames + r.data,
-             out + r.data, d.T * HW, static_cast<int>(d.C), r.y, D, H, W, row_stride, plane_stride, next);
+      row_fn(ring, mu, mu + d.T * HW, mu + 2 * d.T * HW, frames + r.data, out + r.data, d.T * HW,
+             static_cast<int>(d.C), r.y, D, H, W, next);
     }
   });
 }
@@ -459,18 +554,19 @@ void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_
   const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
   const int D = d.D, H = d.H, W = d.W;
   const int64_t Cp = (d.C + kLanes - 1) / kLanes * kLanes;
+#ifdef DECOVAE_WARP_AVX512
+  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<motion_t, double>) {
+    // The ring addresses a few packed rows of all levels with int32 float offsets.
+    const int64_t ring_floats = D * RowRing<scalar_t>::kSlots * std::max<int64_t>(W + 1, 32) * kLanes;
+    if (Cp == kLanes && H >= 2 && ring_floats < std::numeric_limits<int32_t>::max()) {
+      return warp_forward_avx512<scalar_t, motion_t, kAdd>(vol, mot, frames, out, d);
+    }
+  }
+#endif
   const at::Tensor packed = pack_volume<scalar_t, acc_t>(vol, d, Cp);
   const acc_t* pk_all = packed.const_data_ptr<acc_t>();
   const int32_t row_stride = W + 1, plane_stride = H * (W + 1);
   const int corners = D == 1 ? 2 : 4;  // L = 0: plain bilinear
-  // The SIMD rows address the packed volume with int32 float offsets.
-  [[maybe_unused]] const bool use_simd =
-      Cp == kLanes && H >= 2 && static_cast<int64_t>(D) * plane_stride * Cp < std::numeric_limits<int32_t>::max();
-#ifdef DECOVAE_WARP_AVX512
-  if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<motion_t, double>) {
-    if (use_simd) return warp_forward_avx512<scalar_t, motion_t, kAdd>(pk_all, mot, frames, out, d);
-  }
-#endif
   // Rows in (b, y, t) order: the T frames of one image row sample nearby volume rows, which then
   // stay in cache (a (b, t, y) order sweeps the whole volume once per frame).
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
