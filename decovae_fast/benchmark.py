@@ -294,7 +294,9 @@ def warp_cases(T: int, H: int, W: int, levels: int, dtype: str, device: torch.de
     frames = torch.rand(B, C, T, H, W, generator=gen).to(device=device, dtype=dt)
     motion = smooth_motion(B, T, H, W, levels, device, dt, gen)
     es = volume.element_size()
-    fwd_bytes = (volume.numel() + motion.numel() + 2 * frames.numel()) * es
+    # A forward's ideal bytes as issue 3 counts them: frames and motion read, output written. The
+    # scale-space volume (read once per call, (L+1)/T of the frames' size) is left out.
+    fwd_bytes = (motion.numel() + 2 * frames.numel()) * es
     shape = f"{B}x{C}x{T}x{H}x{W} L={levels}"
 
     def fwd(op):
@@ -624,7 +626,8 @@ def format_table(result: dict, json_path: str | None = None) -> str:
                   f"`{TORCH_GRID_SAMPLE}` (5-D grid_sample + add/sub) or `{TORCH_SEQUENCE}` (Wan 2.1's RMSNorm, "
                   "SiLU, cat cache, F.pad, conv3d) / this time; all backends of a row group timed interleaved "
                   "in the same run. Ceiling: copy bandwidth for the warp and blur ops (GB/s of ideal traffic: each "
-                  "input read once, each output written once), matmul throughput of the dtype for the "
+                  "input read once, each output written once; for a warp forward only the frames and motion "
+                  "read and the output written, as issue 3 counts them), matmul throughput of the dtype for the "
                   "convolutions (GFLOP/s counts a direct convolution's multiply-adds, so a kernel that does "
                   "fewer of them, e.g. Winograd, can pass 100%; so can any row when other work on the machine "
                   f"depressed the ceiling measurements). `{COPY_SAME_BYTES}`: a plain copy moving the warp's ideal "
