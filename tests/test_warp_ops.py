@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -203,20 +205,23 @@ def test_cpu_warp_pooled_output_is_an_ordinary_tensor():
     assert again.is_shared() and torch.equal(torch.load(buf), want)
 
 
+def _run_python(code: str) -> str:
+    """Runs code in a fresh interpreter; its stdout (a failure shows its stderr)."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
 @needs_ext
 def test_cpu_warp_pooled_output_outlives_the_library():
     """Outputs on pooled buffers that are still alive at interpreter exit are freed after the
     extension's static destructors have run: the process must still exit cleanly."""
-    import subprocess
-    import sys
-
     code = ("import torch, decovae_fast.ops as ops\n"
             "v = torch.rand(1, 3, 3, 200, 300); m = torch.zeros(1, 3, 4, 200, 300); f = torch.rand(1, 3, 4, 200, 300)\n"
             "with ops.use_backend('cpu'):\n"
             "    KEEP = [ops.warp_residual(v, m, f) for _ in range(3)]\n"
             "assert torch.equal(KEEP[0], KEEP[2])\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _run_python(code)
 
 
 @needs_ext
@@ -226,9 +231,6 @@ def test_cpu_warp_forward_memory_stays_near_the_output():
     a packed copy of the volume (at 1080p with L = 5 that copy is 190 MiB, and the output of one
     frame 24 MiB). Measured in a fresh process: the peak RSS of the call (Linux's VmHWM, reset just
     before it) minus the RSS before it."""
-    import subprocess
-    import sys
-
     code = ("import torch, decovae_fast.ops as ops\n"
             "def kib(key):\n"
             "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
@@ -240,9 +242,7 @@ def test_cpu_warp_forward_memory_stays_near_the_output():
             "with ops.use_backend('cpu'):\n"
             "    out = ops.warp_residual(v, m, f)\n"
             "print((kib('VmHWM:') - before) / 1024 - out.numel() * 4 / 2**20)\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    extra_mib = float(run.stdout.split()[-1])
+    extra_mib = float(_run_python(code).split()[-1])
     assert extra_mib < 48, f"the forward held {extra_mib:.0f} MiB beyond its output"
 
 
