@@ -162,8 +162,9 @@ def test_cpu_warp_exact_borders(levels):
 
 @needs_ext
 def test_cpu_warp_concurrent_calls():
-    """The packed volume buffer kept between calls: calls from several threads at once (one gets the
-    kept buffer, the others their own) and calls of growing size give the single-thread results."""
+    """Pooled buffers kept between calls (the forward's row rings): calls from several threads at
+    once (some get kept buffers, the others their own) and calls of growing size give the
+    single-thread results."""
     import threading
 
     cases = [make_inputs((1, 3, 2, 6, 150 + 7 * i, 160), torch.float32, seed=i) for i in range(4)]
