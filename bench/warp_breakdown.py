@@ -20,7 +20,7 @@ import statistics
 import torch
 
 from decovae_fast import ops
-from decovae_fast.benchmark import Timing, interleaved, smooth_motion
+from decovae_fast.benchmark import Timing, copy_of_bytes, interleaved, smooth_motion, warp_fwd_bytes
 
 
 def main() -> None:
@@ -38,13 +38,11 @@ def main() -> None:
     constant[:, 0], constant[:, 1], constant[:, 2] = 2.3, 1.6, 2.5
     scale_fixed = smooth.clone()
     scale_fixed[:, 2] = 2.5
-    ideal = (smooth.numel() + 2 * frames.numel()) * 4  # as decovae bench: frames + motion read, output written
-    src = torch.full((ideal // 2,), 7, dtype=torch.uint8)
-    dst = torch.empty_like(src)
+    ideal = warp_fwd_bytes(smooth, frames)
     cases = {"zero motion": torch.zeros_like(smooth), "constant motion": constant,
              "smooth flow, constant scale": scale_fixed, "smooth flow and scale (bench)": smooth}
     fns = {name: (lambda m: lambda: ops.warp_residual(volume, m, frames))(m) for name, m in cases.items()}
-    fns["copy of the same bytes"] = lambda: dst.copy_(src)
+    fns["copy of the same bytes"] = copy_of_bytes(ideal, "cpu")
     with ops.use_backend("cpu"):
         times = interleaved(fns, torch.device("cpu"), Timing(warmup=1, min_rounds=args.rounds,
                                                               max_rounds=args.rounds, budget_s=0.0))

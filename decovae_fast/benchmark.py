@@ -284,6 +284,19 @@ def grid_sample_residual(volume, motion, frames, sign: float = -1.0) -> torch.Te
     return (frames.to(pred.dtype) + sign * pred).to(frames.dtype)
 
 
+def warp_fwd_bytes(motion: torch.Tensor, frames: torch.Tensor) -> int:
+    """A warp forward's ideal bytes as issue 3 counts them: frames and motion read, output written.
+    The scale-space volume (read once per call, (L+1)/T of the frames' size) is left out."""
+    return motion.numel() * motion.element_size() + 2 * frames.numel() * frames.element_size()
+
+
+def copy_of_bytes(nbytes: int, device) -> Callable:
+    """dst.copy_(src) moving nbytes in all (half read, half written): the copy yardstick."""
+    src = torch.full((nbytes // 2,), 7, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def warp_cases(T: int, H: int, W: int, levels: int, dtype: str, device: torch.device) -> list[OpCase]:
     from decovae_fast import ops
 
@@ -294,23 +307,20 @@ def warp_cases(T: int, H: int, W: int, levels: int, dtype: str, device: torch.de
     frames = torch.rand(B, C, T, H, W, generator=gen).to(device=device, dtype=dt)
     motion = smooth_motion(B, T, H, W, levels, device, dt, gen)
     es = volume.element_size()
-    # A forward's ideal bytes as issue 3 counts them: frames and motion read, output written. The
-    # scale-space volume (read once per call, (L+1)/T of the frames' size) is left out.
-    fwd_bytes = (motion.numel() + 2 * frames.numel()) * es
+    fwd_bytes = warp_fwd_bytes(motion, frames)
     shape = f"{B}x{C}x{T}x{H}x{W} L={levels}"
 
     def fwd(op):
         return lambda: getattr(ops, op)(volume, motion, frames)
 
-    copy_src = torch.full((fwd_bytes // 2,), 7, dtype=torch.uint8, device=device)
-    copy_dst = torch.empty_like(copy_src)
+    copy_same = copy_of_bytes(fwd_bytes, device)
 
     cases = []
     for op, sign in (("warp_residual", -1.0), ("warp_add", 1.0)):
         fns = {"reference": _with_backend("reference", fwd(op))}
         fns.update({b: _with_backend(b, fwd(op)) for b in fast_backends(op, device)})
         fns[TORCH_GRID_SAMPLE] = (lambda s: lambda: grid_sample_residual(volume, motion, frames, s))(sign)
-        fns[COPY_SAME_BYTES] = lambda: copy_dst.copy_(copy_src)
+        fns[COPY_SAME_BYTES] = copy_same
         cases.append(OpCase(f"{op}.fwd", shape, dtype, fns, bytes=fwd_bytes))
 
     # forward + backward to the volume and the motion (the frames need no gradient)

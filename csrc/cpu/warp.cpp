@@ -329,8 +329,6 @@ struct NextRow {
   const scalar_t* frames;
   scalar_t* out;
   const scalar_t* pack;  // channel 0, level 0 of the volume row the ring packs next (nullptr: none)
-  int64_t pack_cstride, pack_sstride;
-  int pack_c, pack_d;
 };
 
 // The rows of the packed volume that one thread's output rows sample. Rows are visited in (b, y, t)
@@ -346,9 +344,14 @@ struct RowRing {
   static constexpr int kRows = 16, kReach = kRows / 2 - 1;
   static constexpr int kScratch = kRows + 1, kSlots = kRows + 3;
 
+  // Packed pixels per ring row (scratch columns 2i, 2i + 1 of lanes i < 16 need 32) and floats
+  // in the whole ring.
+  static int64_t row_pixels(int64_t W) { return std::max<int64_t>(W + 1, 32); }
+  static int64_t floats(const Dims& d) { return d.D * kSlots * row_pixels(d.W) * kLanes; }
+
   RowRing(const scalar_t* vol, const Dims& d)
-      : vol(vol), d(d), row_stride(std::max<int32_t>(d.W + 1, 32)), plane_stride(kSlots * row_stride),
-        buf(pool.empty({d.D * plane_stride * kLanes}, at::kFloat, /*pooled_from=*/0)), data(buf.mutable_data_ptr<float>()) {}
+      : vol(vol), d(d), row_stride(static_cast<int32_t>(row_pixels(d.W))), plane_stride(kSlots * row_stride),
+        buf(pool.empty({floats(d)}, at::kFloat, /*pooled_from=*/0)), data(buf.mutable_data_ptr<float>()) {}
 
   // Makes the window around output row y of batch b resident. Within a batch, y never decreases.
   void advance(int64_t batch, int y) {
@@ -471,10 +474,11 @@ void forward_row_avx512(const RowRing<scalar_t>& ring, const motion_t* mu, const
     const auto& wr = tc.wr;
     const __m512 ax = _mm512_load_ps(tc.ax), ax1 = _mm512_sub_ps(one, ax);
     asm volatile("" : : "r"(buf) : "memory");  // lanes are read back as scalars, not extracted
-    if (next.pack) {
-      for (int c = 0; c < next.pack_c; ++c)
-        for (int sl = 0; sl < next.pack_d; ++sl)
-          _mm_prefetch(reinterpret_cast<const char*>(next.pack + c * next.pack_cstride + sl * next.pack_sstride + x), _MM_HINT_T1);
+    if (next.pack) {  // volume planes: level stride H * W, channel stride D * H * W
+      const int64_t HW = static_cast<int64_t>(H) * W;
+      for (int c = 0; c < C; ++c)
+        for (int sl = 0; sl < D; ++sl)
+          _mm_prefetch(reinterpret_cast<const char*>(next.pack + (c * D + sl) * HW + x), _MM_HINT_T1);
     }
     if (next.frames) {
       for (int j = 0; j < 3; ++j) _mm_prefetch(reinterpret_cast<const char*>(next.motion + j * next.mstride + x), _MM_HINT_T1);
@@ -542,7 +546,7 @@ void warp_forward_avx512(const scalar_t* vol, const motion_t* mot, const scalar_
     RowRing<scalar_t> ring(vol, d);
     for (int64_t row = begin; row < end; ++row) {
       const Row r = locate(row);
-      NextRow<scalar_t, motion_t> next{nullptr, d.T * HW, nullptr, nullptr, nullptr, d.D * HW, HW, static_cast<int>(d.C), D};
+      NextRow<scalar_t, motion_t> next{nullptr, d.T * HW, nullptr, nullptr, nullptr};
       if (row + kRowsAhead < end) {
         const Row n = locate(row + kRowsAhead);
         next.motion = mot + n.motion;
@@ -573,8 +577,7 @@ void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_
 #ifdef DECOVAE_WARP_AVX512
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<motion_t, double>) {
     // The ring addresses a few packed rows of all levels with int32 float offsets.
-    const int64_t ring_floats = D * RowRing<scalar_t>::kSlots * std::max<int64_t>(W + 1, 32) * kLanes;
-    if (Cp == kLanes && H >= 2 && ring_floats < std::numeric_limits<int32_t>::max()) {
+    if (Cp == kLanes && H >= 2 && RowRing<scalar_t>::floats(d) < std::numeric_limits<int32_t>::max()) {
       return warp_forward_avx512<scalar_t, motion_t, kAdd>(vol, mot, frames, out, d);
     }
   }
