@@ -175,7 +175,13 @@ def interleaved(fns: dict[str, Callable], device: torch.device, timing: Timing) 
 
 # ---- ceilings -----------------------------------------------------------------------------------
 
-def copy_gbps(device: torch.device, mib: int = 64, repeats: int = 10) -> float:
+# Copy ceiling: each buffer 256 MiB, well beyond the last-level cache (STREAM asks for 4x). At 64 MiB
+# the dev VM's copy was partly served from cache: 65-80 GB/s, against 31-58 GB/s at 256 MiB-1 GiB
+# measured minutes apart (its host's cache is larger than the 32 MiB L3 the VM reports).
+COPY_MIB = 256
+
+
+def copy_gbps(device: torch.device, mib: int = COPY_MIB, repeats: int = 10) -> float:
     """Best bandwidth of dst.copy_(src) into a preallocated buffer, read + write counted (a ceiling is
     the best the machine did: other workers on a shared machine only ever slow a call down)."""
     src = torch.rand(mib * 2**18, device=device)
@@ -206,7 +212,7 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5, n:
     return 2 * n**3 / (ms * 1e-3) / 1e9
 
 
-def measure_ceilings(device: torch.device, dtypes: list[str], copy_mib: int = 64, matmul_n: int | None = None) -> dict:
+def measure_ceilings(device: torch.device, dtypes: list[str], copy_mib: int = COPY_MIB, matmul_n: int | None = None) -> dict:
     return {"copy_gbps": round(copy_gbps(device, copy_mib), 2),
             "matmul_gflops": {d: round(matmul_gflops(device, DTYPES[d], n=matmul_n), 1) for d in dtypes}}
 
@@ -422,7 +428,7 @@ class Plan:
     pipeline_rounds: int = 2            # interleaved rounds after each model's first encode + decode
     pipeline_budget_s: float | None = None  # no new round once the rounds have taken this long
     ceiling_dtypes: list[str] = dataclasses.field(default_factory=lambda: list(DTYPES))
-    copy_mib: int = 64             # copy ceiling: buffer size (well beyond the last-level cache)
+    copy_mib: int = COPY_MIB       # copy ceiling: buffer size
     matmul_n: int | None = None    # matmul ceiling: n (None: 2048 on a CPU, 4096 on a GPU)
     pipeline_models: tuple | None = None   # restrict the pipeline rows to these models (None: all)
     stream_shapes: tuple = ()      # (T, H, W) of the stream.tiny rows: a short and a long T per frame size
