@@ -137,6 +137,31 @@ def test_cpu_warp_flows_beyond_the_row_window(dtype, levels, reach):
         assert_close(got, want, dtype, op)
 
 
+def _last_level_cache_bytes() -> int:
+    """As the kernel reads it: sysfs, 32 MiB if unknown."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            size = f.read().strip()
+        return int(size[:-1]) << (20 if size.endswith("M") else 10)
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+@needs_ext
+def test_cpu_warp_streamed_output():
+    """An fp32 forward whose frames, motion and output exceed the last-level cache writes its output
+    with non-temporal stores, for 16-value blocks that are whole and aligned. Rows of 264 px: a
+    masked tail, and row starts that alternate between aligned and not."""
+    dtype, H, W = torch.float32, 256, 264
+    T = -(-3 * _last_level_cache_bytes() // (2 * H * W * 9 * dtype.itemsize))  # 1.5x the cache
+    if T > 64:
+        pytest.skip(f"a last-level cache of {_last_level_cache_bytes() >> 20} MiB needs too big an input")
+    inputs = make_inputs((1, 3, T, 6, H, W), dtype)
+    for op in ("warp_residual", "warp_add"):
+        got, want = _cpu(op)(*inputs), getattr(R, op)(*inputs)
+        assert_close(got, want, dtype, op)
+
+
 @needs_ext
 @pytest.mark.parametrize("levels", [0, 3])
 def test_cpu_warp_exact_borders(levels):
