@@ -334,7 +334,8 @@ constexpr int64_t kRowsAhead = 2;
 
 // An fp32 output goes around the cache (non-temporal stores) when the op's frames, motion and output
 // exceed the last-level cache: they cannot stay cached anyway, and such stores skip reading each
-// output line before writing it (measured 15-25% faster at 16x256^2 and 16x512^2 on the dev VM).
+// output line before writing it (16x256^2 and 16x512^2 on the dev VM: 5-7% faster when it was quiet,
+// 15-25% while its neighbours loaded the memory).
 // Smaller calls keep plain stores, so whatever consumes the output finds it in cache. The cache
 // size is sysfs's (32 MiB if unknown): glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) says 320 MiB on the
 // dev VM, whose L3 is 32 MiB.
