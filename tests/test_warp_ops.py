@@ -137,6 +137,26 @@ def test_cpu_warp_flows_beyond_the_row_window(dtype, levels, reach):
         assert_close(got, want, dtype, op)
 
 
+@needs_ext
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_cpu_warp_forward_thread_chunks(threads):
+    """The SIMD forward visits rows in (b, y, t) order, in one chunk per thread, and each chunk
+    fills its own ring of volume rows. With B = 2 and H = 45, 3 or 5 threads start chunks in the
+    middle of an image and of the second batch: every split gives the reference's result, and the
+    same bits as one thread."""
+    inputs = make_inputs((2, 3, 3, 4, 45, 37), torch.float32, reach=12.0)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _cpu("warp_residual")(*inputs)
+        torch.set_num_threads(threads)
+        got = _cpu("warp_residual")(*inputs)
+    finally:
+        torch.set_num_threads(old)
+    assert_close(got, R.warp_residual(*inputs), torch.float32, "warp_residual")
+    torch.testing.assert_close(got, single, rtol=0, atol=0)
+
+
 def _last_level_cache_bytes() -> int:
     """As the kernel reads it: sysfs, 32 MiB if unknown."""
     try:
@@ -272,6 +292,31 @@ def test_cpu_warp_forward_memory_stays_near_the_output():
     assert extra_mib < 48, f"the forward held {extra_mib:.0f} MiB beyond its output"
 
 
+@needs_ext
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_cpu_warp_backward_memory_follows_the_budget(monkeypatch):
+    """The backward keeps one fp32 partial volume gradient per chunk of rows: with 4 threads and
+    540x960, L = 5 (37 MiB per partial), four partials by default, one under a 40 MiB budget. Peak
+    RSS of the call in a fresh process, less its two gradients."""
+    code = ("import torch\n"
+            "import decovae_fast.ops\n"
+            "def kib(key):\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+            "torch.set_num_threads(4)\n"
+            "v = torch.rand(1, 3, 6, 540, 960); m = torch.rand(1, 3, 1, 540, 960) * 4 - 2\n"
+            "g = torch.rand(1, 3, 1, 540, 960)\n"
+            "open('/proc/self/clear_refs', 'w').write('5')\n"  # VmHWM := VmRSS
+            "before = kib('VmRSS:')\n"
+            "gv, gm = torch.ops.decovae.warp_sample_backward(g, v, m, True, True)\n"
+            "print((kib('VmHWM:') - before) / 1024 - (gv.numel() + gm.numel()) * 4 / 2**20)\n")
+    part_mib = 3 * 6 * 540 * 960 * 4 / 2**20
+    default = float(_run_python(code).split()[-1])
+    monkeypatch.setenv("DECOVAE_WARP_GRAD_MIB", "40")
+    capped = float(_run_python(code).split()[-1])
+    assert default > 3 * part_mib, f"4 threads held {default:.0f} MiB of partials, not 4 x {part_mib:.0f}"
+    assert capped < 1.5 * part_mib, f"a 40 MiB budget held {capped:.0f} MiB of partials"
+
+
 def _non_contiguous(volume, motion, frames):
     """Same values, strided storage: volume and frames transposed in memory, motion sliced."""
     v = volume.transpose(3, 4).contiguous().transpose(3, 4)
@@ -308,6 +353,33 @@ def test_cpu_backward_deterministic_and_partial():
     assert torch.equal(gv, gv1) and not gm.any()
     gv, gm = bw(g, volume, motion, False, True)
     assert torch.equal(gm, gm1) and not gv.any()
+
+
+@needs_ext
+def test_cpu_backward_grad_budget(monkeypatch):
+    """DECOVAE_WARP_GRAD_MIB caps the backward's partial volume gradients: a budget below one
+    partial leaves one chunk, which gives the one-thread bits with 3 threads; a malformed value is
+    an error that names the variable."""
+    volume, motion, frames = make_inputs((2, 3, 5, 4, 20, 23), torch.float32)
+    g = torch.randn_like(frames)
+    bw = torch.ops.decovae.warp_sample_backward
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = bw(g, volume, motion, True, True)
+        torch.set_num_threads(3)
+        three = bw(g, volume, motion, True, True)
+        monkeypatch.setenv("DECOVAE_WARP_GRAD_MIB", "0")
+        capped = bw(g, volume, motion, True, True)
+        monkeypatch.setenv("DECOVAE_WARP_GRAD_MIB", "lots")
+        with pytest.raises(RuntimeError, match="DECOVAE_WARP_GRAD_MIB"):
+            bw(g, volume, motion, True, True)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(capped, single))
+    assert not torch.equal(three[0], single[0])  # 3 chunks sum in another order: the cap did something
+    for a, b in zip(three, single):
+        assert_close(a, b, torch.float32, "3 chunks against 1")
 
 
 @needs_ext

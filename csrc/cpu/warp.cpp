@@ -11,7 +11,8 @@
 // faults. The SIMD forward writes an fp32 output that cannot stay cached with non-temporal stores.
 // Math is in fp32 (fp64 for fp64 inputs). The backward scatters into one fp32 partial volume
 // gradient per work chunk; chunks are a fixed split of the rows and are summed in chunk order, so
-// the result is bitwise reproducible for a given thread count (no atomics).
+// the result is bitwise reproducible for a given chunk count (no atomics). There is one chunk per
+// thread, as far as the partial gradients fit a memory budget (grad_parts_budget).
 // GCC 12's AVX-512 intrinsic headers trip -W(maybe-)uninitialized when inlined (their
 // _mm512_undefined_* self-initialise); the pragma must precede their inclusion through torch.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -799,6 +800,19 @@ void reduce_parts(const at::opmath_type<scalar_t>* parts, int64_t chunks, int64_
   });
 }
 
+// Bytes the backward's partial volume gradients may take in all: DECOVAE_WARP_GRAD_MIB MiB
+// (default 1024). Each is a whole fp32 volume (149 MB at 1080p with L = 5), so one per thread
+// would grow with the host (9.5 GB on 64 threads); past the budget fewer chunks, and so fewer
+// threads, scatter. One chunk is always allowed.
+int64_t grad_parts_budget() {
+  const char* env = std::getenv("DECOVAE_WARP_GRAD_MIB");
+  if (!env || !*env) return int64_t(1024) << 20;
+  char* end = nullptr;
+  const long long mib = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end && *end == 0 && mib >= 0, "DECOVAE_WARP_GRAD_MIB must be a whole number of MiB, got '", env, "'");
+  return static_cast<int64_t>(mib) << 20;
+}
+
 std::tuple<at::Tensor, at::Tensor> warp_sample_backward_cpu(const at::Tensor& grad_prediction,
                                                             const at::Tensor& volume_in, const at::Tensor& motion_in,
                                                             bool volume_grad, bool motion_grad) {
@@ -817,8 +831,13 @@ std::tuple<at::Tensor, at::Tensor> warp_sample_backward_cpu(const at::Tensor& gr
   if (empty || !(volume_grad || motion_grad)) {
     return {grad_volume, grad_motion.to(motion_in.scalar_type())};
   }
-  // One partial volume gradient per thread-sized chunk of rows, summed in a fixed order.
-  const int64_t chunks = volume_grad ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)) : 1;
+  // One chunk of rows per thread (each with its own partial volume gradient, summed in a fixed
+  // order), as far as the partial gradients fit the budget.
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  if (volume_grad) {
+    const int64_t part_bytes = volume.numel() * static_cast<int64_t>(volume.scalar_type() == at::kDouble ? 8 : 4);
+    chunks = std::max<int64_t>(1, std::min(chunks, grad_parts_budget() / part_bytes));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_sample_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
