@@ -291,7 +291,10 @@ class Worker:
 # decode_stream, every decoded chunk dropped as it comes. Run at a short and a long frame count, its
 # peak memory shows whether streaming really holds memory bounded by one GOP.
 
-def moving_texture(T: int, H: int, W: int, chunk: int, device: torch.device, speed: float = 0.5):
+PAN_SPEED = 0.5  # moving_texture's default, pixels per frame
+
+
+def moving_texture(T: int, H: int, W: int, chunk: int, device: torch.device, speed: float = PAN_SPEED):
     """Yield (1, 3, t, H, W) chunks (t <= chunk) of T frames in [-1, 1], made as they are asked for
     (the clip never exists whole): a window panning over a smooth texture along a circle at a
     constant `speed` in pixels per frame (whole-pixel crops).
@@ -353,7 +356,8 @@ def stream_worker(spec: dict) -> None:
     m, notes = decovae_model(spec["model"], device)
     chunk = m.config.keyframe_interval  # the command line's default chunk
     H, W = spec["height"], spec["width"]
-    notes.update(chunk_frames=chunk, input="moving texture made chunk by chunk (pan along a circle at 0.5 px per frame)")
+    notes.update(chunk_frames=chunk,
+                 input=f"moving texture made chunk by chunk (pan along a circle at {PAN_SPEED} px per frame)")
     runs = []
     with torch.no_grad():
         stream_round_trip(m, moving_texture(min(chunk, max(spec["frames"])), H, W, chunk, device))

@@ -2,12 +2,26 @@
 randomly initialised models saved with save_pretrained (for --weights)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after it."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _moving_square_frames(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:

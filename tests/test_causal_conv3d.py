@@ -20,6 +20,7 @@ import torch
 import decovae_fast.ops as ops
 from decovae_fast import _ext
 from decovae_fast.ops import reference
+from conftest import num_threads
 
 pytestmark = pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built")
 
@@ -127,13 +128,9 @@ def test_forward_odd_sizes(T, H, W):
 def test_forward_work_split(threads):
     """The fast path splits tile rows into units by thread count; every split must agree,
     including a last unit with padding rows (H=17: 5 tile rows) and several units per image."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         for B, H, W in ((1, 17, 20), (1, 40, 64), (3, 9, 9)):
             check_against_reference("cpu", TOL, B=B, C=9, Cout=11, T=3, H=H, W=W)
-    finally:
-        torch.set_num_threads(old)
 
 
 def test_forward_larger_channels():

@@ -15,6 +15,7 @@ import decovae_fast.ops as ops
 from decovae_fast import _ext
 from decovae_fast.ops import _backend
 from decovae_fast.ops import reference as R
+from conftest import num_threads
 
 needs_ext = pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built")
 
@@ -145,14 +146,10 @@ def test_cpu_warp_forward_thread_chunks(threads):
     middle of an image and of the second batch: every split gives the reference's result, and the
     same bits as one thread."""
     inputs = make_inputs((2, 3, 3, 4, 45, 37), torch.float32, reach=12.0)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         single = _cpu("warp_residual")(*inputs)
-        torch.set_num_threads(threads)
+    with num_threads(threads):
         got = _cpu("warp_residual")(*inputs)
-    finally:
-        torch.set_num_threads(old)
     assert_close(got, R.warp_residual(*inputs), torch.float32, "warp_residual")
     torch.testing.assert_close(got, single, rtol=0, atol=0)
 
@@ -363,19 +360,15 @@ def test_cpu_backward_grad_budget(monkeypatch):
     volume, motion, frames = make_inputs((2, 3, 5, 4, 20, 23), torch.float32)
     g = torch.randn_like(frames)
     bw = torch.ops.decovae.warp_sample_backward
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         single = bw(g, volume, motion, True, True)
-        torch.set_num_threads(3)
+    with num_threads(3):
         three = bw(g, volume, motion, True, True)
         monkeypatch.setenv("DECOVAE_WARP_GRAD_MIB", "0")
         capped = bw(g, volume, motion, True, True)
         monkeypatch.setenv("DECOVAE_WARP_GRAD_MIB", "lots")
         with pytest.raises(RuntimeError, match="DECOVAE_WARP_GRAD_MIB"):
             bw(g, volume, motion, True, True)
-    finally:
-        torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(capped, single))
     assert not torch.equal(three[0], single[0])  # 3 chunks sum in another order: the cap did something
     for a, b in zip(three, single):

@@ -831,19 +831,17 @@ std::tuple<at::Tensor, at::Tensor> warp_sample_backward_cpu(const at::Tensor& gr
   if (empty || !(volume_grad || motion_grad)) {
     return {grad_volume, grad_motion.to(motion_in.scalar_type())};
   }
-  // One chunk of rows per thread (each with its own partial volume gradient, summed in a fixed
-  // order), as far as the partial gradients fit the budget.
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  if (volume_grad) {
-    const int64_t part_bytes = volume.numel() * static_cast<int64_t>(volume.scalar_type() == at::kDouble ? 8 : 4);
-    chunks = std::max<int64_t>(1, std::min(chunks, grad_parts_budget() / part_bytes));
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_sample_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    // One chunk of rows per thread (each with its own partial volume gradient, summed in a fixed
+    // order), as far as the partial gradients fit the budget.
+    int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
     at::Tensor parts;
     acc_t* parts_ptr = nullptr;
     if (volume_grad) {
+      const int64_t part_bytes = volume.numel() * static_cast<int64_t>(sizeof(acc_t));
+      chunks = std::max<int64_t>(1, std::min(chunks, grad_parts_budget() / part_bytes));
       parts = at::zeros({chunks, volume.numel()}, volume.options().dtype(acc_type));
       parts_ptr = parts.mutable_data_ptr<acc_t>();
     }
