@@ -15,10 +15,11 @@ beside a 1.06 ns copy, and at 16x128^2 (everything in cache) still 1.7 ns for ev
 the forward packs the volume rows it needs just before sampling them (a ring per thread), the
 arithmetic, not the gather, is the gap to the copy. Before that (one packing pass over the whole
 volume) the bench motion cost 2.65 ns at 256^2 and 2.85 at 512^2 against 1.9 / 1.7 for zero motion.
-The warp runs at about 16-21 GB/s whatever the VM's memory does, so its share of the ceiling copy
-swings with it: the bench motion gave 50% (256^2) and 56% (512^2) while the ceiling copy ran at
-40 and 32 GB/s; the same day, a warp call's median against the best of 3 back-to-back ceiling
-copies gave 27% and 28% while those ran at 57-61 GB/s.
+The warp is compute-bound (about 16-21 GB/s on most days; 10-18 GB/s on 2026-11-25, when the VM's
+cores themselves ran slower), so its share of the ceiling copy swings with the VM's memory: the
+bench motion gave 50% (256^2) and 56% (512^2) while the ceiling copy ran at 40 and 32 GB/s; the
+same day, a warp call's median against the best of 3 back-to-back ceiling copies gave 27% and 28%
+while those ran at 57-61 GB/s.
 """
 from __future__ import annotations
 
