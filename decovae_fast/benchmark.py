@@ -184,12 +184,12 @@ COPY_MIB = 256
 def copy_gbps(device: torch.device, mib: int = COPY_MIB, repeats: int = 10) -> float:
     """Best bandwidth of dst.copy_(src) into a preallocated buffer, read + write counted (a ceiling is
     the best the machine did: other workers on a shared machine only ever slow a call down)."""
-    src = torch.rand(mib * 2**18, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
+    nbytes = 2 * mib << 20
+    copy = copy_of_bytes(nbytes, device)
+    copy()
     _sync(device)
-    ms = min(time_call(lambda: dst.copy_(src), device) for _ in range(repeats))
-    return 2 * src.nbytes / (ms * 1e-3) / 1e9
+    ms = min(time_call(copy, device) for _ in range(repeats))
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, repeats: int = 5, n: int | None = None) -> float:
