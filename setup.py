@@ -82,7 +82,7 @@ def _extension():
 
 
 setup(
-    packages=["decovae_fast", "decovae_fast.ops", "decovae_fast.models", "decovae_fast.kernels"],
+    packages=["decovae_fast", "decovae_fast.ops", "decovae_fast.models", "decovae_fast.eval", "decovae_fast.kernels"],
     package_dir={"decovae_fast.kernels": "kernels"},
     package_data={"decovae_fast": ["weights/*/*", "configs/*"]},
     ext_modules=[_extension()],

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from decovae_fast.errors import UserError  # noqa: F401  (re-exported: `from decovae_fast.cli import UserError`)
+
 # subcommand name -> module providing add_parser(subparsers) and run(args)
 SUBCOMMANDS = {
     "info": "decovae_fast.info",
@@ -17,12 +19,9 @@ SUBCOMMANDS = {
     "decode": "decovae_fast.commands",
     "encode-dataset": "decovae_fast.encode_dataset",
     "train": "decovae_fast.train",
+    "diagnose": "decovae_fast.eval.diagnose",
     "bench": "decovae_fast.benchmark",
 }
-
-
-class UserError(Exception):
-    """Bad input: reported as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m decovae_fast.cli` runs this file as __main__: call the importable module's main so
-    # that UserError raised by subcommands is the class main() catches.
-    from decovae_fast.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

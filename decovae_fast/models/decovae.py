@@ -23,7 +23,8 @@ from decovae_fast.models.decoder import DecoderTrunk
 from decovae_fast.models.encoders import keyframe_encoder, motion_encoder, residual_encoder
 from decovae_fast.models.latent import DeCoLatent, DiagonalGaussian
 from decovae_fast.models.layers import StreamCache, replicate_pad
-from decovae_fast.models.motion import MotionEstimator
+from decovae_fast.models.motion import ClassicalMotion, MotionEstimator
+from decovae_fast.models.patch_linear import PatchLinear
 
 
 @dataclass
@@ -49,12 +50,42 @@ class DeCoVAE(VideoVAEBase):
         config = DeCoVAEConfig.tiny() if config is None else config
         super().__init__(config)
         c = config
-        self.motion_estimator = MotionEstimator(c.motion_estimator_channels, c.volume_levels)
+        self.motion_estimator = (MotionEstimator(c.motion_estimator_channels, c.volume_levels)
+                                 if c.motion_source == "learned" else ClassicalMotion(c.motion_source))
         self.keyframe_encoder = keyframe_encoder(c)
         self.motion_encoder = motion_encoder(c)
         self.residual_encoder = residual_encoder(c)
         self.decoder = DecoderTrunk(c.keyframe_channels, c.motion_channels + c.residual_channels,
                                     c.keyframe_channels, 6, c.decoder_channels, c.decoder_blocks)
+        self.keyframe_linear = PatchLinear(c.keyframe_channels) if c.keyframe_linear else None
+        if c.keyframe_linear:
+            self._zero_learned_outputs()
+
+    @torch.no_grad()
+    def _zero_learned_outputs(self) -> None:
+        """With the linear keyframe path, the learned paths start at zero: the keyframe latent and
+        image are the linear code's, and the inner frames decode to zero motion (sharpest level,
+        s = L * sigmoid(-6) ~ 0) and zero residual, i.e. copies of the decoded keyframe."""
+        head = self.keyframe_encoder.head
+        half = head.weight.shape[0] // 2
+        head.weight[:half].zero_()
+        head.bias[:half].zero_()
+        for conv in (self.decoder.first_head, self.decoder.rest_head):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        # rest_head's channels are (u, v, s, r, g, b) x 4 sub-pixels (depth_to_space order)
+        self.decoder.rest_head.bias[8:12] = -6.0
+
+    def _keyframe_moments(self, kf):
+        moments = self.keyframe_encoder(kf)
+        if self.keyframe_linear is None:
+            return moments
+        mean, logvar = moments.chunk(2, dim=1)
+        return torch.cat([mean + self.keyframe_linear.encode(kf), logvar], 1)
+
+    def _keyframe_image(self, z, cache):
+        img = self.decoder.forward_first(z, cache)
+        return img if self.keyframe_linear is None else img + self.keyframe_linear.decode(z)
 
     # --- encode side -----------------------------------------------------------------------------
     def _estimate_motion(self, frames, keyframe, tiles):
@@ -64,7 +95,7 @@ class DeCoVAE(VideoVAEBase):
     def _start_gop(self, frame, start, tiles, encode=True) -> _Gop:
         kf = frame.unsqueeze(2)
         volume = ops.gaussian_volume(frame, self.config.volume_levels, self.config.volume_sigma0)
-        moments = self._tiled(lambda x, i: self.keyframe_encoder(x), [(kf, 1)], 8, tiles) if encode else None
+        moments = self._tiled(lambda x, i: self._keyframe_moments(x), [(kf, 1)], 8, tiles) if encode else None
         return _Gop(start, kf, volume, moments, tiles=tiles)
 
     def _encode_inner(self, gop: _Gop, motion, residual, tiles):
@@ -190,7 +221,7 @@ class DeCoVAE(VideoVAEBase):
         caches = {}
 
         def first(z, i):
-            return self.decoder.forward_first(z, caches.setdefault(i, StreamCache()))
+            return self._keyframe_image(z, caches.setdefault(i, StreamCache()))
 
         def rest(m, r, ctx, i):
             m = F.interpolate(m, scale_factor=(1, 2, 2), mode="nearest")
@@ -244,6 +275,22 @@ class DeCoVAE(VideoVAEBase):
                  "target_motion": cat([t[0] for t in targets]),
                  "target_residual": cat([t[1] for t in targets])}
         return VAEOutput(cat([o["frames"] for o in outs]), latent, parts)
+
+    @torch.no_grad()
+    def decode_parts(self, latent: DeCoLatent) -> dict:
+        """Decodes a latent (posterior means) and keeps its parts: frames (B,3,T,H,W), keyframes
+        (B,3,G,H,W, the decoded keyframe images), motion (B,3,T,H,W, fp32, zero at keyframes) and
+        residual (zero at keyframes), cropped to the latent's frame size."""
+        self._check_latent(latent)
+        outs = []
+        for n, kf, mo, re in split_gops(latent):
+            outs.extend(self._decode_gop(n, kf.mean, mo.mean, re.mean, None, latent.height, latent.width))
+
+        def cat(key):
+            return torch.cat([o[key] for o in outs if key in o], 2)[..., :latent.height, :latent.width]
+
+        return {"frames": cat("frames"), "keyframes": cat("keyframe"), "motion": cat("motion"),
+                "residual": cat("residual")}
 
     @torch.no_grad()
     def decompose(self, video: torch.Tensor, chunk_frames: int | None = None) -> dict:

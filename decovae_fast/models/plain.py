@@ -16,6 +16,7 @@ from decovae_fast.models.decoder import DecoderTrunk
 from decovae_fast.models.encoders import Encoder
 from decovae_fast.models.latent import DeCoLatent, DiagonalGaussian
 from decovae_fast.models.layers import StreamCache, replicate_pad
+from decovae_fast.models.patch_linear import PatchLinear
 
 
 class PlainCausalVAE(VideoVAEBase):
@@ -30,9 +31,29 @@ class PlainCausalVAE(VideoVAEBase):
                                time_down=(True, True))
         self.decoder = DecoderTrunk(c.latent_channels, c.latent_channels, c.latent_channels, 3,
                                     c.decoder_channels, c.decoder_blocks)
+        # linear patch codes of the first frame and of each group of 4 frames (see DeCoVAE's
+        # keyframe_linear); the learned head and decoder outputs then start at zero
+        self.first_linear = PatchLinear(c.latent_channels) if c.linear_path else None
+        self.inner_linear = PatchLinear(c.latent_channels, frames=4) if c.linear_path else None
+        if c.linear_path:
+            with torch.no_grad():
+                half = self.encoder.head.weight.shape[0] // 2
+                self.encoder.head.weight[:half].zero_()
+                self.encoder.head.bias[:half].zero_()
+                for conv in (self.decoder.first_head, self.decoder.rest_head):
+                    conv.weight.zero_()
+                    conv.bias.zero_()
 
-    def _encode(self, x, caches, tiles):
-        return self._tiled(lambda f, i: self.encoder(f, caches.setdefault(i, StreamCache())), [(x, 1)], 8, tiles)
+    def _encode(self, x, caches, tiles, first: bool = False):
+        def enc(f, i):
+            moments = self.encoder(f, caches.setdefault(i, StreamCache()))
+            if self.first_linear is None:
+                return moments
+            mean, logvar = moments.chunk(2, dim=1)
+            lin = self.first_linear.encode(f[:, :, :1]) if first else self.inner_linear.encode(f)
+            return torch.cat([mean + lin, logvar], 1)
+
+        return self._tiled(enc, [(x, 1)], 8, tiles)
 
     def encode_stream(self, chunks):
         """Yield one DeCoLatent piece per segment from an iterable of (B, 3, t, H, W) chunks."""
@@ -47,7 +68,8 @@ class PlainCausalVAE(VideoVAEBase):
                     first = x[:, :, i:i + 1]
                     caches = {}
                     seg = {"n": 1, "caches": caches, "tiles": tiles, "pending": [],
-                           "first": self._encode(first.expand(-1, -1, 4, -1, -1), caches, tiles), "inner": []}
+                           "first": self._encode(first.expand(-1, -1, 4, -1, -1), caches, tiles, first=True),
+                           "inner": []}
                     i += 1
                     continue
                 room = self.config.keyframe_interval - seg["n"]
@@ -95,14 +117,21 @@ class PlainCausalVAE(VideoVAEBase):
         first_z, inner_z = first_z.to(dt), inner_z.to(dt)
         tiles = self._tiles(first_z.shape[3] * 8, first_z.shape[4] * 8)
         caches = {}
-        img = self._tiled(lambda z, i: self.decoder.forward_first(z, caches.setdefault(i, StreamCache())),
-                          [(first_z, 8)], 1, tiles)
+
+        def first(z, i):
+            img = self.decoder.forward_first(z, caches.setdefault(i, StreamCache()))
+            return img if self.first_linear is None else img + self.first_linear.decode(z)
+
+        def rest(z, ctx, i):
+            out = self.decoder.forward_rest(z, ctx, caches.setdefault(i, StreamCache()))
+            return out if self.inner_linear is None else out + self.inner_linear.decode(z)
+
+        img = self._tiled(first, [(first_z, 8)], 1, tiles)
         yield {"frames": img}
         k, left = inner_z.shape[2], n - 1
         steps = steps or max(k, 1)
         for s in range(0, k, steps):
-            out = self._tiled(lambda z, ctx, i: self.decoder.forward_rest(z, ctx, caches.setdefault(i, StreamCache())),
-                              [(inner_z[:, :, s:s + steps], 8), (first_z, 8)], 1, tiles)[:, :, :left]
+            out = self._tiled(rest, [(inner_z[:, :, s:s + steps], 8), (first_z, 8)], 1, tiles)[:, :, :left]
             left -= out.shape[2]
             yield {"frames": out}
 
