@@ -227,24 +227,49 @@ def motion_state(source: str) -> dict:
 
 
 LINEAR_PCA_PATCHES = 60_000
+INNER_PCA_BATCHES = 48
 
 
 @torch.no_grad()
 def init_linear_paths(model, cfg: TrainConfig) -> None:
-    """Fits the models' linear patch codes (PatchLinear) to the PCA of the training clips' patches,
-    so training starts on the linear floor. Synthetic-only configs fit them on synthetic video."""
-    from decovae_fast.models.patch_linear import PatchLinear, sample_patches
+    """Fits the models' linear patch codes (PatchLinear) to the PCA of what each one codes, so
+    training starts on the linear floor: frame patches of the training clips (synthetic video if
+    `real` is empty) for the keyframe and plain codes; for DeCoVAE's motion and residual codes,
+    the encoder's own targets (motion / motion_scale, warp residual) on training batches."""
+    from decovae_fast.models.patch_linear import PatchLinear, patch_rows, sample_patches
 
-    lins = [m for m in model.modules() if isinstance(m, PatchLinear)]
-    if not lins:
-        return
-    if cfg.real:
-        videos = [D.read_clip(s.path, cfg.short_side, s.start, s.stop) for s in map(D.resolve_clip, cfg.real)]
-    else:
-        synth = D.SyntheticVideos(cfg.frames, max(cfg.size, 64), seed=cfg.seed)
-        videos = [synth.sample(i).add(1).mul(127.5).round().to(torch.uint8).permute(1, 0, 2, 3) for i in range(8)]
-    for i, lin in enumerate(lins):
-        lin.init_from_pca(sample_patches(videos, LINEAR_PCA_PATCHES, lin.patch, lin.frames, seed=cfg.seed + i))
+    inner = [getattr(model, n, None) for n in ("motion_linear", "residual_linear")]
+    inner = [] if None in inner else inner
+    frame_lins = [m for m in model.modules() if isinstance(m, PatchLinear) and not any(m is x for x in inner)]
+    if frame_lins:
+        if cfg.real:
+            videos = [D.read_clip(s.path, cfg.short_side, s.start, s.stop) for s in map(D.resolve_clip, cfg.real)]
+        else:
+            synth = D.SyntheticVideos(cfg.frames, max(cfg.size, 64), seed=cfg.seed)
+            videos = [synth.sample(i).add(1).mul(127.5).round().to(torch.uint8).permute(1, 0, 2, 3) for i in range(8)]
+        for i, lin in enumerate(frame_lins):
+            lin.init_from_pca(sample_patches(videos, LINEAR_PCA_PATCHES, lin.patch, lin.frames, seed=cfg.seed + i))
+    if inner:
+        motion_lin, residual_lin = inner
+        stream = train_data(cfg, cfg.seed + 1, cut_prob=0.0)
+        m_rows, r_rows = [], []
+        for _ in range(INNER_PCA_BATCHES):
+            video = next(stream)
+            for _, gop in model._gops([video], encode=False, keep=True):
+                if not gop.targets:
+                    continue
+                m = torch.cat([t[0] for t in gop.targets], 2)
+                r = torch.cat([t[1] for t in gop.targets], 2)
+                full = m.shape[2] // 4 * 4  # the groups of 4 inner frames the encoders see
+                if full == 0:
+                    continue
+                m = m[:, :2, :full] / model.config.motion_scale  # (frames were padded to 16 already)
+                m_rows.append(patch_rows(m.float(), motion_lin.patch, 4))
+                r_rows.append(patch_rows(r[:, :, :full].float(), residual_lin.patch, 4))
+        if not m_rows:
+            raise UserError("no groups of 4 inner frames in the training batches: frames must be >= 5")
+        motion_lin.init_from_pca(torch.cat(m_rows))
+        residual_lin.init_from_pca(torch.cat(r_rows))
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:

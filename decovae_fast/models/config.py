@@ -86,10 +86,11 @@ class DeCoVAEConfig(_ConfigMixin):
     # tiling (enable_tiling): tile core size and halo (context on every side), in pixels
     tile_size: int = 256
     tile_halo: int = 64
-    # a linear 8x8 patch code beside the keyframe encoder's head and the decoder's keyframe output
-    # (PatchLinear, PCA-initialised by training): the learned paths start at zero and learn the
-    # correction to the linear floor (issue 18). False: the first bundled weights' architecture.
-    keyframe_linear: bool = False
+    # linear patch codes (PatchLinear, PCA-initialised by training) beside each encoder's head and
+    # the decoder's outputs: 8x8 RGB patches of the keyframe, 4x16x16 (u, v) patches of the motion,
+    # 4x8x8 RGB patches of the residual. The learned paths start at zero and learn the correction
+    # to the linear floor (issue 18). False: the first bundled weights' architecture.
+    linear_paths: bool = False
 
     model_type = "decovae"
 
@@ -145,7 +146,7 @@ class PlainVAEConfig(_ConfigMixin):
     tile_size: int = 256
     tile_halo: int = 64
     # linear 8x8 patch codes beside the encoder head and decoder output, one for the first frame
-    # and one for each group of 4 frames (PatchLinear): the counterpart of DeCoVAE's keyframe_linear
+    # and one for each group of 4 frames (PatchLinear): the counterpart of DeCoVAE's linear_paths
     linear_path: bool = False
 
     model_type = "plain"
@@ -165,7 +166,7 @@ class PlainVAEConfig(_ConfigMixin):
         return cls(latent_channels=channels, keyframe_interval=deco.keyframe_interval,
                    encoder_channels=deco.encoder_channels, encoder_blocks=deco.encoder_blocks,
                    decoder_channels=deco.decoder_channels, decoder_blocks=deco.decoder_blocks,
-                   tile_size=deco.tile_size, tile_halo=deco.tile_halo, linear_path=deco.keyframe_linear)
+                   tile_size=deco.tile_size, tile_halo=deco.tile_halo, linear_path=deco.linear_paths)
 
     @property
     def spatial_factor(self) -> int:

@@ -57,31 +57,36 @@ class DeCoVAE(VideoVAEBase):
         self.residual_encoder = residual_encoder(c)
         self.decoder = DecoderTrunk(c.keyframe_channels, c.motion_channels + c.residual_channels,
                                     c.keyframe_channels, 6, c.decoder_channels, c.decoder_blocks)
-        self.keyframe_linear = PatchLinear(c.keyframe_channels) if c.keyframe_linear else None
-        if c.keyframe_linear:
+        lin = c.linear_paths
+        self.keyframe_linear = PatchLinear(c.keyframe_channels) if lin else None
+        self.motion_linear = PatchLinear(c.motion_channels, channels=2, patch=16, frames=4) if lin else None
+        self.residual_linear = PatchLinear(c.residual_channels, frames=4) if lin else None
+        if lin:
             self._zero_learned_outputs()
 
     @torch.no_grad()
     def _zero_learned_outputs(self) -> None:
-        """With the linear keyframe path, the learned paths start at zero: the keyframe latent and
-        image are the linear code's, and the inner frames decode to zero motion (sharpest level,
-        s = L * sigmoid(-6) ~ 0) and zero residual, i.e. copies of the decoded keyframe."""
-        head = self.keyframe_encoder.head
-        half = head.weight.shape[0] // 2
-        head.weight[:half].zero_()
-        head.bias[:half].zero_()
+        """With the linear paths, the learned paths start at zero: the latent means and the decoded
+        keyframe, (u, v) and residual are the linear codes'; s starts at the sharpest level
+        (s = L * sigmoid(-6) ~ 0), which is where DIS motion puts it."""
+        for enc in (self.keyframe_encoder, self.motion_encoder, self.residual_encoder):
+            half = enc.head.weight.shape[0] // 2
+            enc.head.weight[:half].zero_()
+            enc.head.bias[:half].zero_()
         for conv in (self.decoder.first_head, self.decoder.rest_head):
             conv.weight.zero_()
             conv.bias.zero_()
         # rest_head's channels are (u, v, s, r, g, b) x 4 sub-pixels (depth_to_space order)
         self.decoder.rest_head.bias[8:12] = -6.0
 
+    @staticmethod
+    def _plus_mean(moments, linear):
+        mean, logvar = moments.chunk(2, dim=1)
+        return torch.cat([mean + linear, logvar], 1)
+
     def _keyframe_moments(self, kf):
         moments = self.keyframe_encoder(kf)
-        if self.keyframe_linear is None:
-            return moments
-        mean, logvar = moments.chunk(2, dim=1)
-        return torch.cat([mean + self.keyframe_linear.encode(kf), logvar], 1)
+        return moments if self.keyframe_linear is None else self._plus_mean(moments, self.keyframe_linear.encode(kf))
 
     def _keyframe_image(self, z, cache):
         img = self.decoder.forward_first(z, cache)
@@ -106,8 +111,13 @@ class DeCoVAE(VideoVAEBase):
         def enc(name, encoder):
             return lambda x, i: encoder(x, gop.caches.setdefault((name, i), StreamCache()))
 
-        gop.motion_moments.append(self._tiled(enc("motion", self.motion_encoder), [(m_in, 1)], 16, tiles))
-        gop.residual_moments.append(self._tiled(enc("residual", self.residual_encoder), [(residual, 1)], 8, tiles))
+        mm = self._tiled(enc("motion", self.motion_encoder), [(m_in, 1)], 16, tiles)
+        rm = self._tiled(enc("residual", self.residual_encoder), [(residual, 1)], 8, tiles)
+        if self.motion_linear is not None:  # patch-local, so applied to the whole frame outside the tiles
+            mm = self._plus_mean(mm, self.motion_linear.encode(m_in[:, :2]))
+            rm = self._plus_mean(rm, self.residual_linear.encode(residual))
+        gop.motion_moments.append(mm)
+        gop.residual_moments.append(rm)
 
     def _push(self, gop: _Gop, motion, residual, tiles, encode: bool, keep: bool):
         gop.n += motion.shape[2]
@@ -237,7 +247,11 @@ class DeCoVAE(VideoVAEBase):
         steps = steps or max(k, 1)
         left = n - 1
         for s in range(0, k, steps):
-            out = self._tiled(rest, [(m_z[:, :, s:s + steps], 16), (r_z[:, :, s:s + steps], 8), (kf_z, 8)], 1, tiles)
+            m_s, r_s = m_z[:, :, s:s + steps], r_z[:, :, s:s + steps]
+            out = self._tiled(rest, [(m_s, 16), (r_s, 8), (kf_z, 8)], 1, tiles)
+            if self.motion_linear is not None:
+                uv, rgb = self.motion_linear.decode(m_s), self.residual_linear.decode(r_s)
+                out = out + torch.cat([uv, torch.zeros_like(uv[:, :1]), rgb], 1).to(out.dtype)
             out = out[:, :, :left]
             out32 = out[:, :3].float()
             motion = torch.cat([out32[:, :2] * c.motion_scale, c.volume_levels * torch.sigmoid(out32[:, 2:3])], 1)

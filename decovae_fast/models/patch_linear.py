@@ -37,6 +37,12 @@ def unpatches(z: torch.Tensor, C: int, p: int, frames: int = 1) -> torch.Tensor:
     return x.reshape(B, C, T * frames, H, W)
 
 
+def patch_rows(x: torch.Tensor, p: int, frames: int = 1) -> torch.Tensor:
+    """(B, C, T, H, W) -> (N, C * frames * p * p): every patch as one row, in `patches` order."""
+    q = patches(x, p, frames)
+    return q.permute(0, 2, 3, 4, 1).reshape(-1, q.shape[1])
+
+
 def fit_pca(samples: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """samples (N, d) -> (mean (d,), basis (d, k) orthonormal columns, variances (k,)), largest first."""
     x = samples.double()
@@ -100,7 +106,6 @@ def sample_patches(videos, n: int, patch: int = 8, frames: int = 1, seed: int = 
         dy, dx = (int(torch.randint(patch, (1,), generator=g)) if s >= 2 * patch else 0 for s in (H, W))
         h, w = (H - dy) // patch * patch, (W - dx) // patch * patch
         x = v[t0:t0 + frames, :, dy:dy + h, dx:dx + w].permute(1, 0, 2, 3)[None].float().div(127.5).sub(1)
-        q = patches(x, patch, frames)  # (1, d, 1, h/p, w/p)
-        pool.append(q.flatten(2).squeeze(0).T)
+        pool.append(patch_rows(x, patch, frames))
     pool = torch.cat(pool)
     return pool[torch.randperm(len(pool), generator=g)[:n]]

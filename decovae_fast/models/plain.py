@@ -32,7 +32,7 @@ class PlainCausalVAE(VideoVAEBase):
         self.decoder = DecoderTrunk(c.latent_channels, c.latent_channels, c.latent_channels, 3,
                                     c.decoder_channels, c.decoder_blocks)
         # linear patch codes of the first frame and of each group of 4 frames (see DeCoVAE's
-        # keyframe_linear); the learned head and decoder outputs then start at zero
+        # linear_paths); the learned head and decoder outputs then start at zero
         self.first_linear = PatchLinear(c.latent_channels) if c.linear_path else None
         self.inner_linear = PatchLinear(c.latent_channels, frames=4) if c.linear_path else None
         if c.linear_path:
