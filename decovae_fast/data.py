@@ -175,6 +175,53 @@ def load_eval_clips(specs, frames: int, size: int) -> list[tuple[str, torch.Tens
     return out
 
 
+# ---------------------------------------------------------------- still pictures from packages
+
+# Natural colour pictures that Python packages ship: name -> (package, path inside it, credit and
+# licence). Read where pip put them (no download at run time); the `train` extra installs them.
+PACKAGE_IMAGES = {
+    "astronaut": ("skimage", "data/astronaut.png", "NASA (Eileen Collins), public domain"),
+    "chelsea": ("skimage", "data/chelsea.png", "Stefan van der Walt, CC0"),
+    "coffee": ("skimage", "data/coffee.png", "Rachel Michetti, CC0"),
+    "rocket": ("skimage", "data/rocket.jpg", "SpaceX, public domain"),
+    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg", "NASA, public domain"),
+    "retina": ("skimage", "data/retina.jpg", "Mikael Haggstrom, CC0"),
+    "immunohistochemistry": ("skimage", "data/ihc.png", "CMMI, no known copyright restrictions"),
+    "china": ("sklearn", "datasets/images/china.jpg", "danielbuechele (Flickr), CC BY 2.0"),
+    "flower": ("sklearn", "datasets/images/flower.jpg", "vultilion (Flickr), CC BY 2.0"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "US Navy, public domain"),
+}
+
+
+def package_image_path(name: str) -> Path:
+    """Where the installed package keeps picture `name` (found without importing the package)."""
+    if name not in PACKAGE_IMAGES:
+        raise UserError(f"unknown picture {name!r}; known: {', '.join(PACKAGE_IMAGES)}")
+    package, rel, _ = PACKAGE_IMAGES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"picture {name!r} comes with the {package} package, which is not installed "
+                        "(pip install 'decovae_fast[train]')")
+    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise UserError(f"{path}: picture {name!r} not found in the installed {package}")
+    return path
+
+
+def read_image(path) -> torch.Tensor:
+    """A picture file as uint8 (3, H, W) RGB (Pillow, which matplotlib depends on)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def package_images(names=("all",)) -> list[torch.Tensor]:
+    """The named pictures (or all of PACKAGE_IMAGES) as uint8 (3, H, W) tensors."""
+    names = list(PACKAGE_IMAGES) if list(names) == ["all"] else list(names)
+    return [read_image(package_image_path(n)) for n in names]
+
+
 # ---------------------------------------------------------------- procedural synthetic video
 
 def _texture(g: torch.Generator, size: int) -> torch.Tensor:
@@ -251,17 +298,36 @@ def _sprites(video: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return video
 
 
-class SyntheticVideos(torch.utils.data.IterableDataset):
-    """Endless seeded procedural videos (3, T, size, size) in [-1, 1]: textures under pan / zoom /
-    rotation, moving sprites, lighting changes (gain ramps, flicker) and scene cuts. Sample i of a
-    given seed is always the same video (sample(i))."""
+def _picture_texture(images, g: torch.Generator, size: int) -> torch.Tensor:
+    """(3, size, size) in [0, 1]: a random square crop (40-100% of the short side) of a random
+    picture, resized (antialiased)."""
+    img = images[int(torch.randint(len(images), (1,), generator=g))]
+    _, H, W = img.shape
+    side = max(8, int(min(H, W) * (0.4 + 0.6 * float(torch.rand((), generator=g)))))
+    y = int(torch.randint(H - side + 1, (1,), generator=g))
+    x = int(torch.randint(W - side + 1, (1,), generator=g))
+    crop = img[None, :, y:y + side, x:x + side].float() / 255
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].clamp(0, 1)
 
-    def __init__(self, frames: int = 17, size: int = 64, seed: int = 0, cut_prob: float = 0.25):
+
+class SyntheticVideos(torch.utils.data.IterableDataset):
+    """Endless seeded videos (3, T, size, size) in [-1, 1]: a texture under pan / zoom / rotation,
+    moving sprites, lighting changes (gain ramps, flicker) and scene cuts. The texture is
+    procedural, or with probability picture_prob a crop of one of `pictures` (uint8 (3, H, W), e.g.
+    package_images()): synthetic camera motion over real pictures. Sample i of a given seed is
+    always the same video (sample(i))."""
+
+    def __init__(self, frames: int = 17, size: int = 64, seed: int = 0, cut_prob: float = 0.25,
+                 pictures=None, picture_prob: float = 0.0):
         super().__init__()
         self.frames, self.size, self.seed, self.cut_prob = frames, size, seed, cut_prob
+        self.pictures, self.picture_prob = list(pictures or []), picture_prob if pictures else 0.0
 
     def _scene(self, g: torch.Generator, T: int) -> torch.Tensor:
-        tex = _texture(g, 2 * self.size)
+        if self.picture_prob and float(torch.rand((), generator=g)) < self.picture_prob:
+            tex = _picture_texture(self.pictures, g, 2 * self.size)
+        else:
+            tex = _texture(g, 2 * self.size)
         video = _affine_frames(tex, T, self.size, g)
         video = _sprites(video, g)
         # lighting: a smooth gain / offset ramp and occasional flicker

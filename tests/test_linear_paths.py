@@ -250,3 +250,34 @@ def test_diagnose_command_rejects_a_folder_without_weights(tmp_path):
     from decovae_fast.cli import main
 
     assert main(["diagnose", "--weights", str(tmp_path)]) == 2
+
+
+# --- data sources ----------------------------------------------------------------------------------
+
+def test_package_pictures_load_offline():
+    """Every listed picture is where its package put it, decodes to RGB uint8, and is colourful."""
+    pics = D.package_images()
+    assert len(pics) == len(D.PACKAGE_IMAGES) >= 10
+    for name, img in zip(D.PACKAGE_IMAGES, pics):
+        assert img.dtype == torch.uint8 and img.shape[0] == 3 and min(img.shape[1:]) >= 256, name
+        sat = (img.float().amax(0) - img.float().amin(0)).mean()
+        assert sat > 8, (name, float(sat))  # colour pictures, not grey ones
+    with pytest.raises(UserError, match="unknown picture"):
+        D.package_image_path("lena")
+
+
+def test_picture_videos_are_seeded_real_textures(tmp_path):
+    pics = D.package_images(["coffee", "china"])
+    ds = D.SyntheticVideos(5, 32, seed=1, cut_prob=0.0, pictures=pics, picture_prob=1.0)
+    a, b = ds.sample(4), ds.sample(4)
+    assert a.shape == (3, 5, 32, 32) and torch.equal(a, b) and a.min() >= -1 and a.max() <= 1
+    procedural = D.SyntheticVideos(5, 32, seed=1, cut_prob=0.0)
+    assert not torch.equal(a, procedural.sample(4))
+    # no pictures: the stream is unchanged by the new option (old recipes resume reproducibly)
+    assert torch.equal(procedural.sample(4), D.SyntheticVideos(5, 32, seed=1, cut_prob=0.0, picture_prob=0.5).sample(4))
+    cfg = micro_cfg(tmp_path, pictures=["coffee"], picture_prob=0.5)
+    assert cfg.pictures == ["coffee"]
+    with pytest.raises(UserError, match="unknown picture"):
+        micro_cfg(tmp_path, pictures=["lena"], picture_prob=0.5)
+    with pytest.raises(UserError, match="picture_prob"):
+        micro_cfg(tmp_path, picture_prob=0.5)
