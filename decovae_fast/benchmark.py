@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 ROW_KEYS = ("name", "shape", "dtype", "backend", "median_ms", "reference_ms", "speedup", "gbps", "gflops",
-            "ceiling_fraction", "fps", "peak_mem_mb", "latent_elements")
+            "ceiling_fraction", "fps", "peak_mem_mb", "latent_elements", "pixel_frames_per_s", "steps_per_hour")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Baselines that are not backends of decovae_fast.ops: the way a PyTorch user writes the op.
 TORCH_GRID_SAMPLE = "torch_grid_sample"   # warp ops: 5-D grid_sample (border, align_corners) + add/sub
@@ -433,6 +433,10 @@ class Plan:
     pipeline_models: tuple | None = None   # restrict the pipeline rows to these models (None: all)
     stream_shapes: tuple = ()      # (T, H, W) of the stream.tiny rows: a short and a long T per frame size
     stream_allocator_check: bool = False   # stream again with a fixed mmap threshold (bench_pipeline)
+    train_rounds: int = 3          # training-step rows (bench_training): timed steps per recipe
+    train_video_shape: tuple = (2, 17, 64)   # (batch, frames, crop size) of the video recipes
+    train_image_shape: tuple = (8, 1, 128)   # the same for the image stage: 8 single 128x128 frames
+    train_recipes: tuple | None = None       # restrict to these bench_training.RECIPES (None: all)
 
 
 def make_plan(quick: bool, device: torch.device) -> Plan:
@@ -454,7 +458,9 @@ def tiny_plan(device: torch.device) -> Plan:
     return Plan(True, device, ["fp32"], [(5, 32, 32)], warp_shapes=((2, 16, 20),), gaussian_shape=(16, 20),
                 conv_shapes=((4, 4, 2, 8, 8),), levels=2, timing=Timing(0, 2, 2, 0.0), pipeline_rounds=1,
                 ceiling_dtypes=["fp32"], copy_mib=4, matmul_n=128, pipeline_models=("tiny",),
-                stream_shapes=((5, 32, 32), (21, 32, 32)), stream_allocator_check=True)
+                stream_shapes=((5, 32, 32), (21, 32, 32)), stream_allocator_check=True,
+                train_rounds=1, train_video_shape=(1, 5, 32), train_image_shape=(2, 1, 32),
+                train_recipes=("tiny", "tiny_image"))
 
 
 def op_cases(plan: Plan) -> list[OpCase]:
@@ -513,7 +519,7 @@ def _r(x, digits: int = 3):
 # ---- the run ------------------------------------------------------------------------------------
 
 def run_suite(plan: Plan, *, ops: bool = True, pipeline: bool = True, peers: bool = True,
-              log=lambda msg: None) -> dict:
+              training: bool = True, log=lambda msg: None) -> dict:
     """Measure everything the plan asks for and return the result document."""
     device = plan.device
     t0 = time.perf_counter()
@@ -544,6 +550,11 @@ def run_suite(plan: Plan, *, ops: bool = True, pipeline: bool = True, peers: boo
         prows, notes = bench_pipeline.run_pipeline(plan, peers=peers, log=log)
         rows += prows
         result["pipeline_notes"] = notes
+    if training and device.type == "cpu":  # (a GPU trains with torchrun: no CPU rows beside it)
+        from decovae_fast import bench_training
+
+        log("training steps ...")
+        rows += bench_training.run_training(plan, log=log)
     # Ceilings again after the rows; the run's ceiling is the best sample, and the op rows'
     # fractions are recomputed against it.
     samples.append(measure_ceilings(device, plan.ceiling_dtypes, plan.copy_mib, plan.matmul_n))
@@ -648,12 +659,17 @@ def format_table(result: dict, json_path: str | None = None) -> str:
                   "fewer of them, e.g. Winograd, can pass 100%; so can any row when other work on the machine "
                   f"depressed the ceiling measurements). `{COPY_SAME_BYTES}`: a plain copy moving the warp's ideal "
                   "bytes, timed interleaved with it: the copy bandwidth at the same moment.", ""]
-    pipe = [r for r in rows if r["fps"] is not None and not r["name"].startswith("stream.")]
+    pipe = [r for r in rows if r["fps"] is not None and not r["name"].startswith(("stream.", "train."))]
     if pipe:
         lines += pipeline_table(pipe)
     stream = [r for r in rows if r["name"].startswith("stream.")]
     if stream:
         lines += stream_table(stream, result.get("pipeline_notes", {}))
+    train = [r for r in rows if r["name"].startswith("train.")]
+    if train:
+        from decovae_fast.bench_training import training_table
+
+        lines += training_table(train)
     targets = target_lines(result)
     if targets:
         lines += ["Targets:", ""] + [f"- {t}" for t in targets] + [""]
@@ -812,7 +828,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results (bench/results/<device>.json)")
     p.add_argument("--table", metavar="OUT", help="also write the markdown table")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    p.add_argument("--skip", action="append", choices=("ops", "pipeline", "peers"), default=[],
+    p.add_argument("--skip", action="append", choices=("ops", "pipeline", "peers", "training"), default=[],
                    help="leave a part out (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(run=run)
@@ -830,7 +846,7 @@ def run(args) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     plan = make_plan(args.quick, device)
     result = run_suite(plan, ops="ops" not in args.skip, pipeline="pipeline" not in args.skip,
-                       peers="peers" not in args.skip, log=log)
+                       peers="peers" not in args.skip, training="training" not in args.skip, log=log)
     result["command"] = reproduce_command(result, args.json)
     validate(result)
     table = format_table(result, args.json)

@@ -43,7 +43,7 @@ class StageConfig:
     steps: int
     lr: float
     train: list[str]            # module names (children of the model) this stage trains
-    loss: str = "autoencoder"   # "motion" (stage 0) or "autoencoder"
+    loss: str = "autoencoder"   # "motion" (stage 0), "autoencoder" or "image" (keyframe path on frames)
     warmup: int = 50
 
 
@@ -138,8 +138,8 @@ def config_from_dict(raw: dict, name: str = "config") -> TrainConfig:
             raise UserError(f"{name}: stage {i}: {exc}") from None
         if st.steps < 0 or not st.lr > 0:
             raise UserError(f"{name}: stage {st.name!r}: steps must be >= 0 and lr > 0")
-        if st.loss not in ("motion", "autoencoder"):
-            raise UserError(f"{name}: stage {st.name!r}: loss must be 'motion' or 'autoencoder'")
+        if st.loss not in ("motion", "autoencoder", "image"):
+            raise UserError(f"{name}: stage {st.name!r}: loss must be 'motion', 'autoencoder' or 'image'")
         if isinstance(st.train, str):
             st.train = [st.train]
         cfg.stages.append(st)
@@ -428,6 +428,31 @@ def autoencoder_losses(model, video, cfg: TrainConfig) -> dict:
         return _autoencoder_terms(out, video.float(), cfg)
 
 
+def image_losses(model, video, cfg: TrainConfig) -> dict:
+    """The keyframe path alone, every frame of the batch an image: keyframe encoder (and linear
+    code) -> posterior sample -> the decoder's keyframe head. No motion, residual or temporal work,
+    so a step sees every pixel-frame of the batch at a fraction of a video step's cost (the
+    training-throughput lever of issue 18; rows train.* in `decovae bench`)."""
+    from decovae_fast.models import DeCoVAE
+    from decovae_fast.models.latent import DiagonalGaussian
+    from decovae_fast.models.layers import StreamCache
+
+    if not isinstance(model, DeCoVAE):
+        raise UserError("the image stage (loss = 'image') trains a DeCoVAE's keyframe path")
+    B, C, T, H, W = video.shape
+    frames = video.permute(0, 2, 1, 3, 4).reshape(B * T, C, 1, H, W)
+    post = DiagonalGaussian.from_moments(model._keyframe_moments(frames))
+    recon = model._keyframe_image(post.sample(), StreamCache())
+    with torch.autocast(video.device.type, enabled=False):
+        recon, target = recon.float(), frames.float()
+        l1, dssim = recon_loss(recon, target, cfg.ssim_weight)
+        kl = post.kl().float().sum() / target.numel()
+        return {"loss": l1 + cfg.ssim_weight * dssim + cfg.kl_weight * kl, "l1": l1, "dssim": dssim, "kl": kl}
+
+
+LOSSES = {"motion": motion_losses, "autoencoder": autoencoder_losses, "image": image_losses}
+
+
 def _autoencoder_terms(out, video, cfg: TrainConfig) -> dict:
     recon = out.sample.float()
     l1, dssim = recon_loss(recon, video, cfg.ssim_weight)
@@ -646,6 +671,21 @@ def train(cfg: TrainConfig, resume: bool = True, quiet: bool = False, max_steps:
         return _train(cfg, resume, quiet, max_steps, model, batches)
 
 
+def train_step(runner, video, opt, params, cfg: TrainConfig, amp: bool, device, where: str = ""):
+    """One optimisation step: loss (autocast), backward, gradient clipping, AdamW. Returns the
+    loss terms and the gradient norm before clipping."""
+    with autocast(amp, device.type):
+        terms = runner(video)
+    loss = terms["loss"]
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss at {where}: {terms}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return terms, gnorm
+
+
 def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
     from tqdm import tqdm
 
@@ -716,8 +756,7 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
         if opt_tensors and state.get("stage_index") == si:
             load_optimizer_tensors(opt, names, opt_tensors, opt_scalars)
         opt_tensors = {}
-        loss_fn = motion_losses if stage.loss == "motion" else autoencoder_losses
-        runner = loss_runner(model, loss_fn, cfg, device, world)  # per stage: DDP keeps the trained set
+        runner = loss_runner(model, LOSSES[stage.loss], cfg, device, world)  # per stage: DDP keeps the trained set
         stream = batches_for(stage)
         bar.set_description(stage.name)
         while state["step"] < bounds[si + 1]:
@@ -729,15 +768,8 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
             t0 = time.perf_counter()
             video = next(stream).to(device, non_blocking=True)
             t1 = time.perf_counter()
-            with autocast(amp, device.type):
-                terms = runner(video)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss at step {state['step']} ({stage.name}): {terms}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            terms, gnorm = train_step(runner, video, opt, params, cfg, amp, device,
+                                      f"step {state['step']} ({stage.name})")
             ema.update(model, state["step"])
             t2 = time.perf_counter()
             state["step"] += 1
@@ -802,16 +834,11 @@ def profile_step(cfg: TrainConfig, stage_index: int, steps: int = 3) -> str:
     params = set_stage(model, stage)
     opt = torch.optim.AdamW(params, lr=stage.lr)
     stream = train_data(cfg, cfg.seed)
-    loss_fn = motion_losses if stage.loss == "motion" else autoencoder_losses
+    runner = LossModule(model, LOSSES[stage.loss], cfg)
     amp = amp_enabled(cfg)
 
     def step():
-        video = next(stream)
-        with autocast(amp):
-            loss = loss_fn(model, video, cfg)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(runner, next(stream), opt, params, cfg, amp, torch.device("cpu"))
 
     with backend_context(cfg):
         step()  # warm-up

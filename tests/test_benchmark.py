@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def op_result():
-    result = B.run_suite(B.tiny_plan(CPU), pipeline=False)
+    result = B.run_suite(B.tiny_plan(CPU), pipeline=False, training=False)
     result["command"] = B.reproduce_command(result)
     return result
 
@@ -170,7 +170,7 @@ def test_cli_writes_json_and_table(tmp_path, monkeypatch):
     # the subcommand end to end, on the tiny plan (ops only) so it stays fast
     monkeypatch.setattr(B, "make_plan", lambda quick, device: B.tiny_plan(device))
     out, table = tmp_path / "r.json", tmp_path / "t.md"
-    assert cli_main(["bench", "--quick", "--quiet", "--skip", "pipeline", "--json", str(out),
+    assert cli_main(["bench", "--quick", "--quiet", "--skip", "pipeline", "--skip", "training", "--json", str(out),
                      "--table", str(table)]) == 0
     doc = json.loads(out.read_text())
     B.validate(doc)
@@ -219,3 +219,24 @@ def test_pipeline_rows_through_a_worker_process():
     table = B.format_table(doc)
     assert f"| tiny | {long_['shape']} |" in table
     assert "21-frame streaming peak / 5-frame peak at 32x32" in table
+
+
+def test_training_rows():
+    """train.* rows: one optimisation step per recipe, figures consistent with each other, in the table."""
+    from decovae_fast import bench_training
+
+    plan = B.tiny_plan(CPU)
+    rows = bench_training.run_training(plan)
+    assert {r["name"] for r in rows} == {"train.tiny", "train.tiny_image"}
+    for r in rows:
+        assert tuple(r) == B.ROW_KEYS and r["median_ms"] > 0
+        b, _, t, h, w = map(int, r["shape"].split("x"))
+        assert r["fps"] == pytest.approx(1000 * b * t / r["median_ms"], rel=1e-2)
+        assert r["pixel_frames_per_s"] == pytest.approx(r["fps"] * h * w, rel=1e-2)
+        assert r["steps_per_hour"] == pytest.approx(3.6e6 / r["median_ms"], rel=1e-2)
+    assert {r["shape"] for r in rows} == {"1x3x5x32x32", "2x3x1x32x32"}
+    doc = {"device": "cpu", "torch": torch.__version__, "threads": 1, "ceilings": {"copy_gbps": 1.0,
+           "matmul_gflops": {"fp32": 1.0}}, "rows": rows}
+    B.validate(doc)
+    table = "\n".join(bench_training.training_table(rows))
+    assert "| train.tiny_image | 2x3x1x32x32 |" in table

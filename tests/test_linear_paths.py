@@ -281,3 +281,23 @@ def test_picture_videos_are_seeded_real_textures(tmp_path):
         micro_cfg(tmp_path, pictures=["lena"], picture_prob=0.5)
     with pytest.raises(UserError, match="picture_prob"):
         micro_cfg(tmp_path, picture_prob=0.5)
+
+
+def test_image_stage_trains_the_keyframe_path_only(tmp_path):
+    raw_stage = [{"name": "image", "steps": 3, "lr": 3e-3, "loss": "image",
+                  "train": ["keyframe_encoder", "keyframe_linear", "decoder"]}]
+    cfg = micro_cfg(tmp_path)
+    cfg.stages[0].loss, cfg.stages[0].train, cfg.stages[0].steps = "image", raw_stage[0]["train"], 3
+    from decovae_fast.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = train(cfg, resume=False, quiet=True, model=model)
+    assert state["step"] == 3 and all(h["loss"] == h["loss"] for h in state["history"])
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"keyframe_encoder", "keyframe_linear", "decoder"}, changed
+    plain = micro_cfg(tmp_path / "p", model_type="plain")
+    plain.stages[0].loss = "image"
+    with pytest.raises(UserError, match="keyframe path"):
+        train(plain, resume=False, quiet=True)
