@@ -415,7 +415,7 @@ def conv_cases(cin: int, cout: int, T: int, H: int, W: int, dtype: str, device: 
 
 @dataclasses.dataclass
 class Plan:
-    """What a run measures. quick: the op rows at one size, the pipeline at 9x128x128, streaming at 64x64."""
+    """What a run measures. quick: fewer repeats, the pipeline at 9x128x128, streaming at 64x64."""
     quick: bool
     device: torch.device
     op_dtypes: list[str]
@@ -597,6 +597,7 @@ def reproduce_command(result: dict, json_path: str | None = None) -> str:
     if tun:
         parts.append(f"GLIBC_TUNABLES={tun}")
     parts.append("decovae bench" + (" --quick" if result.get("quick") else ""))
+    parts += [f"--skip {s}" for s in result.get("skipped_parts", [])]
     if not result.get("device", "").startswith("cpu"):
         parts.append("--device cuda")
     if json_path:
@@ -824,7 +825,7 @@ def target_lines(result: dict) -> list[str]:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time every op against its reference and the pipeline against its peers")
-    p.add_argument("--quick", action="store_true", help="one size per op, pipeline at 9x128x128, streaming at 64x64")
+    p.add_argument("--quick", action="store_true", help="fewer timed repeats, pipeline at 9x128x128, streaming at 64x64")
     p.add_argument("--json", metavar="OUT", help="write the results (bench/results/<device>.json)")
     p.add_argument("--table", metavar="OUT", help="also write the markdown table")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
@@ -847,6 +848,7 @@ def run(args) -> int:
     plan = make_plan(args.quick, device)
     result = run_suite(plan, ops="ops" not in args.skip, pipeline="pipeline" not in args.skip,
                        peers="peers" not in args.skip, training="training" not in args.skip, log=log)
+    result["skipped_parts"] = sorted(set(args.skip))
     result["command"] = reproduce_command(result, args.json)
     validate(result)
     table = format_table(result, args.json)

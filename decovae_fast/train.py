@@ -193,7 +193,9 @@ def _decovae_config(cfg: TrainConfig):
     return mc
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, init: bool = True):
+    """The model a config trains; init=False skips the data-dependent initialisation (the PCA fit
+    of the linear paths), for a run whose checkpoint is about to replace the weights."""
     if cfg.model_type == "motion":
         model = MotionOnly(_decovae_config(cfg))
     else:
@@ -212,7 +214,7 @@ def build_model(cfg: TrainConfig):
         init_posteriors(model, cfg.init_logvar)
     if cfg.motion_init and not cfg.init_from:
         model.motion_estimator.load_state_dict(motion_state(cfg.motion_init))
-    if not cfg.init_from:
+    if not cfg.init_from and init:
         init_linear_paths(model, cfg)
     return model
 
@@ -341,18 +343,19 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, video, self.cfg)
 
 
-def distributed() -> tuple[int, int]:
+def distributed(cuda: bool | None = None) -> tuple[int, int]:
     """(rank, world size): from torchrun's environment, joining the process group on first use
-    (gloo on the CPU, NCCL on CUDA); (0, 1) in a plain process."""
+    (NCCL when training on CUDA, gloo on the CPU); (0, 1) in a plain process."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -365,7 +368,8 @@ def loss_runner(model, loss_fn, cfg, device, world: int):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(runner, device_ids=ids, broadcast_buffers=False)
+    # the image stage leaves the inner-frame heads of a trained module without gradients
+    return DDP(runner, device_ids=ids, broadcast_buffers=False, find_unused_parameters=loss_fn is image_losses)
 
 
 class EMA:
@@ -691,7 +695,7 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world = distributed()
+    rank, world = distributed(cuda=cfg.device != "cpu" and torch.cuda.is_available())
     if world > 1 and cfg.device == "auto" and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     else:
@@ -703,13 +707,14 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
     ckpt = out / "checkpoint"
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = model if model is not None else build_model(cfg)
+    resuming = resume and (ckpt / "state.json").is_file()
+    model = model if model is not None else build_model(cfg, init=not resuming)
     model.to(device)
     names = {p: n for n, p in model.named_parameters()}
     ema = EMA(model, cfg.ema_decay)
     state = {"step": 0, "history": [], "val": [], "best_psnr": None, "seconds": 0.0}
     opt_scalars, opt_tensors = {}, {}
-    if resume and (ckpt / "state.json").is_file():
+    if resuming:
         state = json.loads((ckpt / "state.json").read_text())
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema.shadow = load_file(str(ckpt / "ema.safetensors"), device=str(device))

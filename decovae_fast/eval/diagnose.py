@@ -184,7 +184,7 @@ def add_parser(sub) -> None:
                                                                    "(val) and training (real) clips")
     p.add_argument("--frames", type=int, default=33)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--no-floors", action="store_true", help="skip the bicubic and PCA floors")
+    p.add_argument("--no-floors", action="store_true", help="skip the PCA floors (fitted on the training clips)")
     p.add_argument("--json", metavar="FILE", help="also write the result here")
     p.set_defaults(run=run)
 

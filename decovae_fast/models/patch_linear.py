@@ -4,7 +4,7 @@ A frame (or a group of frames) is cut into non-overlapping p x p patches; each p
 values, f frames) is coded by k coefficients, z = A (patch - mu), and rebuilt as patch = S z + mu.
 Initialised from the PCA of training patches with whitened coefficients (A = diag(1/sqrt(lambda))
 U^T, S = U diag(sqrt(lambda))), it is the best linear code of that size: 16 coefficients of 8x8x3
-RGB patches reach ~31 dB on real frames, where the bundled tiny model started from noise and sat
+RGB patches reach 31-33 dB on real frames (issue 18; `decovae diagnose` measures it), where the bundled tiny model started from noise and sat
 at 22 dB after 1,800 steps (issue 18's diagnosis). The models add it beside their learned encoder
 head and decoder output (both zero-initialised), so training starts on this floor and learns only
 the correction. A and S stay trainable; whitening keeps the latent channels at unit variance,
