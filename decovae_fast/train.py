@@ -753,6 +753,10 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
         elif not quiet:
             bar.write(msg)
 
+    if val_clips and state["step"] == 0 and cfg.stages[0].loss != "motion" and max_steps != 0:
+        res = evaluate(model, val_clips, amp)  # the starting point of the PSNR-against-steps curve
+        state["val"].append({"step": 0, "stage": "init", **res["mean"], "clips": res})
+        log(f"step 0 (init): val psnr {res['mean']['psnr']:.2f} dB ssim {res['mean']['ssim']:.4f}")
     for si, stage in enumerate(cfg.stages):
         if state["step"] >= bounds[si + 1]:
             continue
@@ -881,7 +885,11 @@ def export_weights(src, dst, run_dir=None, dtype: str = "float16", machine: str 
                 "machine": machine or f"{platform.processor() or platform.machine()}, "
                                       f"{os.cpu_count()} cores (shared), torch {torch.__version__}",
                 "stored_dtype": dtype, "source": str(src),
-                "last_validation": state["val"][-1] if state["val"] else None}
+                "last_validation": state["val"][-1] if state["val"] else None,
+                # the PSNR-against-steps curve of the run (held-out clips, EMA weights)
+                "validation": [{"step": v["step"], "psnr": v["psnr"], "ssim": v["ssim"],
+                                "clips": {c: r["psnr"] for c, r in v["clips"].items() if c != "mean"}}
+                               for v in state["val"]]}
         _atomic_write_text(json.dumps(info, indent=1) + "\n", dst / "training_state.json")
     return dst
 
