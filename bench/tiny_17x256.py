@@ -18,9 +18,9 @@ plan.pipeline_models = ("tiny",)
 plan.pipeline_rounds = 1
 plan.stream_shapes = ()
 rows, notes = P.run_pipeline(plan, peers=False, log=print)
-out = os.path.join(os.path.dirname(__file__), "results", f"{B.device_slug(torch.device("cpu"))}-tiny-17x256x256.json")
+out = os.path.join(os.path.dirname(__file__), "results", f"{B.device_slug(torch.device('cpu'))}-tiny-17x256x256.json")
 with open(out, "w") as f:
-    json.dump({"device": B.device_slug(torch.device("cpu")), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    json.dump({"device": B.device_slug(torch.device('cpu')), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "rows": rows, "pipeline_notes": notes}, f, indent=1)
 for r in rows:
     print(r["name"], r["shape"], r["backend"], r["fps"], "frames/s, peak", r["peak_mem_mb"], "MB")
