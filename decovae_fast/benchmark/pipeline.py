@@ -62,14 +62,10 @@ def load_video(T: int, H: int, W: int) -> tuple[np.ndarray, str]:
     path = _clip_path()
     frames = []
     if path is not None:
-        try:
-            import av
+        from decovae_fast.io.video import read_video
 
-            with av.open(path) as box:
-                for frame in box.decode(video=0):
-                    frames.append(frame.to_ndarray(format="rgb24"))
-                    if len(frames) == T:
-                        break
+        try:
+            frames = list(read_video(path, max_frames=T)[0])
         except Exception:  # noqa: BLE001  (any decode problem: fall back to the synthetic clip)
             frames = []
     if frames:

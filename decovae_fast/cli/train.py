@@ -38,7 +38,7 @@ def run(args) -> int:
         text = json.dumps(res, indent=1)
         print(text)
         if args.json:
-            write_text(text + "\n", Path(args.json))
+            write_text(args.json, text + "\n")
         return 0
     if args.profile is not None:
         if not 0 <= args.profile < len(cfg.stages):

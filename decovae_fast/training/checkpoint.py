@@ -71,7 +71,7 @@ def save_checkpoint(ckpt: Path, model, ema: EMA, opt, state: dict) -> None:
     save_tensors(ema.shadow, ckpt / "ema.safetensors")
     save_tensors(otensors or {"_empty": torch.zeros(0)}, ckpt / "optimizer.safetensors")
     # state.json last: it names the step the three tensor files belong to
-    write_text(json.dumps({**state, "optimizer_scalars": oscalars}, indent=1), ckpt / "state.json")
+    write_text(ckpt / "state.json", json.dumps({**state, "optimizer_scalars": oscalars}, indent=1))
 
 
 def export_weights(src, dst, run_dir=None, dtype: str = "float16", machine: str | None = None) -> Path:
@@ -107,5 +107,5 @@ def export_weights(src, dst, run_dir=None, dtype: str = "float16", machine: str 
                 "validation": [{"step": v["step"], "psnr": v["psnr"], "ssim": v["ssim"],
                                 "clips": {c: r["psnr"] for c, r in v["clips"].items() if c != "mean"}}
                                for v in state["val"]]}
-        write_text(json.dumps(info, indent=1) + "\n", dst / "training_state.json")
+        write_text(dst / "training_state.json", json.dumps(info, indent=1) + "\n")
     return dst

@@ -31,7 +31,7 @@ class MotionOnly(torch.nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(self.motion_estimator.state_dict(), folder / "motion_estimator.safetensors")
-        write_text(self.config.to_json(), folder / "config.json")
+        write_text(folder / "config.json", self.config.to_json())
 
 
 def decovae_config(cfg: TrainConfig):
