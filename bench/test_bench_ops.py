@@ -12,11 +12,11 @@ import os
 import pytest
 import torch
 
-from decovae_fast import benchmark as B
+from decovae_fast.benchmark import suite as S
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-PLAN = B.make_plan(quick=os.environ.get("DECOVAE_BENCH_FULL") != "1", device=DEVICE)
-CASES = B.op_cases(PLAN)
+PLAN = S.make_plan(quick=os.environ.get("DECOVAE_BENCH_FULL") != "1", device=DEVICE)
+CASES = S.op_cases(PLAN)
 PARAMS = [pytest.param(case, backend, id=f"{case.name}-{case.dtype}-{case.shape.replace(' ', '_')}-{backend}")
           for case in CASES for backend in case.fns]
 

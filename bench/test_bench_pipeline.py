@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 
-from decovae_fast import bench_pipeline as P
+from decovae_fast.benchmark import pipeline as P
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 T, H, W = 9, 128, 128

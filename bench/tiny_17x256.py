@@ -9,18 +9,18 @@ import os
 
 import torch
 
-from decovae_fast import bench_pipeline as P
-from decovae_fast import benchmark as B
+from decovae_fast.benchmark import pipeline as P
+from decovae_fast.benchmark import harness as H, suite as S
 
-plan = B.make_plan(True, torch.device("cpu"))
+plan = S.make_plan(True, torch.device("cpu"))
 plan.pipeline_shapes = [(17, 256, 256)]
 plan.pipeline_models = ("tiny",)
 plan.pipeline_rounds = 1
 plan.stream_shapes = ()
 rows, notes = P.run_pipeline(plan, peers=False, log=print)
-out = os.path.join(os.path.dirname(__file__), "results", f"{B.device_slug(torch.device('cpu'))}-tiny-17x256x256.json")
+out = os.path.join(os.path.dirname(__file__), "results", f"{H.device_slug(torch.device('cpu'))}-tiny-17x256x256.json")
 with open(out, "w") as f:
-    json.dump({"device": B.device_slug(torch.device('cpu')), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    json.dump({"device": H.device_slug(torch.device('cpu')), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "rows": rows, "pipeline_notes": notes}, f, indent=1)
 for r in rows:
     print(r["name"], r["shape"], r["backend"], r["fps"], "frames/s, peak", r["peak_mem_mb"], "MB")

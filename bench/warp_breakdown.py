@@ -29,7 +29,8 @@ import statistics
 import torch
 
 from decovae_fast import ops
-from decovae_fast.benchmark import COPY_MIB, Timing, copy_of_bytes, interleaved, smooth_motion, warp_fwd_bytes
+from decovae_fast.benchmark.cases import smooth_motion, warp_fwd_bytes
+from decovae_fast.benchmark.harness import COPY_MIB, Timing, copy_of_bytes, interleaved
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ $PY -m decovae_fast.cli train --config $C/plain_tiny.toml $FRESH &
 wait
 
 # Bundle the final EMA weights of both (equal steps), stored as fp16.
-$PY -c "from decovae_fast.train import export_weights as e
+$PY -c "from decovae_fast.training.checkpoint import export_weights as e
 e('$OUT/tiny/final_ema', 'decovae_fast/weights/tiny', '$OUT/tiny')
 e('$OUT/plain_tiny/final_ema', 'bench/ablation/plain_tiny', '$OUT/plain_tiny')"
 

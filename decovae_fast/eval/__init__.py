@@ -1,1 +1,2 @@
-"""Evaluation beyond the per-frame metrics: the stage-by-stage diagnosis (`decovae diagnose`)."""
+"""Evaluation: per-frame metrics (PSNR, SSIM), the reconstruction report, and the stage-by-stage
+diagnosis behind `decovae diagnose`."""

@@ -21,20 +21,14 @@ not keyframes; "all" rows over every frame. A PlainCausalVAE gets the rows that 
 """
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decovae_fast import data as D
-from decovae_fast import metrics
-from decovae_fast.errors import UserError
+from decovae_fast.eval import metrics
+from decovae_fast.io.clips import load_eval_clips, read_clip, resolve_clip
 from decovae_fast.models.patch_linear import PatchLinear, sample_patches
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.toml"
 PCA_PATCHES = 60_000
 
 
@@ -69,7 +63,7 @@ def bicubic_floor(video: torch.Tensor, factor: int = 8) -> torch.Tensor:
 
 def fit_floor_pca(train_specs, k: int, short_side: int = 256, seed: int = 0) -> PatchLinear:
     """The PCA floor: PatchLinear of k coefficients fitted on the training clips' frames."""
-    videos = [D.read_clip(s.path, short_side, s.start, s.stop) for s in map(D.resolve_clip, train_specs)]
+    videos = [read_clip(s.path, short_side, s.start, s.stop) for s in map(resolve_clip, train_specs)]
     lin = PatchLinear(k)
     lin.init_from_pca(sample_patches(videos, PCA_PATCHES, seed=seed))
     return lin
@@ -159,45 +153,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def diagnose(weights=None, config=DEFAULT_CONFIG, frames: int = 33, size: int = 256, floors: bool = True) -> dict:
+def diagnose(val, train=(), short_side: int = 256, weights=None, frames: int = 33, size: int = 256,
+             floors: bool = True) -> dict:
+    """The rows of every held-out clip in `val` (clip specs, io.clips.resolve_clip) and their mean;
+    the PCA floors are fitted on the `train` clips at short side `short_side`."""
     from decovae_fast.models import load_pretrained
 
-    from decovae_fast.train import load_config  # the held-out and training clip lists
-
-    cfg = load_config(config)
     model = load_pretrained(weights).float().eval()
-    clips = D.load_eval_clips(cfg.val, frames, size)
+    clips = load_eval_clips(val, frames, size)
     fl = {}
     if floors:
-        fl = {"pca16": fit_floor_pca(cfg.real, 16, cfg.short_side), "pca2": fit_floor_pca(cfg.real, 2, cfg.short_side)}
+        fl = {"pca16": fit_floor_pca(train, 16, short_side), "pca2": fit_floor_pca(train, 2, short_side)}
     res = {name: diagnose_clip(model, video, fl) for name, video in clips}
     keys = {k for r in res.values() for k in r}
     res["mean"] = {k: float(np.nanmean([r[k] for r in res.values() if k in r])) for k in sorted(keys)}
     return {"weights": str(weights or "bundled"), "model_type": type(model).__name__, "frames": frames,
             "size": size, "clips": res}
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("diagnose", help="PSNR of every stage of the pipeline on the held-out clips")
-    p.add_argument("--weights", metavar="DIR", help="model folder (default: the bundled weights)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config naming the held-out "
-                                                                   "(val) and training (real) clips")
-    p.add_argument("--frames", type=int, default=33)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--no-floors", action="store_true", help="skip the PCA floors (fitted on the training clips)")
-    p.add_argument("--json", metavar="FILE", help="also write the result here")
-    p.set_defaults(run=run)
-
-
-def run(args) -> int:
-    if args.weights and not Path(args.weights, "config.json").is_file():
-        raise UserError(f"{args.weights}: no config.json (not a save_pretrained folder)")
-    res = diagnose(args.weights, args.config, args.frames, args.size, not args.no_floors)
-    print(table(res))
-    if args.json:
-        from decovae_fast.outputs import atomic_output
-
-        with atomic_output(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(res, indent=1) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0

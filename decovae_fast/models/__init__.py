@@ -5,7 +5,7 @@ from decovae_fast.models.latent import DeCoLatent, DiagonalGaussian
 from decovae_fast.models.layers import StreamCache
 from decovae_fast.models.motion import MotionEstimator
 from decovae_fast.models.plain import PlainCausalVAE
-from decovae_fast.models.pretrained import load_pretrained
+from decovae_fast.models.auto import load_pretrained
 
 __all__ = ["DeCoVAE", "DeCoVAEConfig", "PlainCausalVAE", "PlainVAEConfig", "DeCoLatent", "DiagonalGaussian",
            "MotionEstimator", "StreamCache", "load_pretrained"]

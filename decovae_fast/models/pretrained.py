@@ -1,12 +1,14 @@
 """save_pretrained / from_pretrained: config.json (with "model_type") + model.safetensors, never pickle.
-Every failure names the file and the problem."""
+Every failure names the file and the problem. Which class a folder holds is models.auto's business
+(load_pretrained), so this module imports no model class."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from decovae_fast.io.outputs import atomic_output, write_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -19,12 +21,10 @@ def save(model, directory) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    cfg_tmp, w_tmp = d / (CONFIG_NAME + ".tmp"), d / (WEIGHTS_NAME + ".tmp")
-    cfg_tmp.write_text(model.config.to_json() + "\n")
-    save_file(state, str(w_tmp), metadata={"model_type": model.config.model_type,
-                                           "config_hash": model.config.config_hash()})
-    os.replace(w_tmp, d / WEIGHTS_NAME)  # written whole, then renamed: never half a file
-    os.replace(cfg_tmp, d / CONFIG_NAME)
+    with atomic_output(d / WEIGHTS_NAME) as tmp:  # written whole, then renamed: never half a file
+        save_file(state, str(tmp), metadata={"model_type": model.config.model_type,
+                                             "config_hash": model.config.config_hash()})
+    write_text(d / CONFIG_NAME, model.config.to_json() + "\n")  # last: it names what the weights are
     return d
 
 
@@ -80,15 +80,3 @@ def load_into(cls, directory=None):
         for k, v in want.items():
             v.copy_(state[k])
     return model
-
-
-def load_pretrained(directory=None):
-    """Load whichever model config.json names ("decovae" or "plain"); None: the bundled weights."""
-    from decovae_fast.models.decovae import DeCoVAE
-    from decovae_fast.models.plain import PlainCausalVAE
-
-    d, raw = read_config(directory)
-    classes = {"decovae": DeCoVAE, "plain": PlainCausalVAE}
-    if raw["model_type"] not in classes:
-        raise ValueError(f"{d / CONFIG_NAME}: unknown model_type {raw['model_type']!r}")
-    return classes[raw["model_type"]].from_pretrained(d)

@@ -14,10 +14,12 @@ from decovae_fast.ops._backend import BACKENDS, backend_for, backends, forced_ba
 
 if _ext.cpu_compiled():
     from decovae_fast.ops import _library  # noqa: F401  (fake kernels + autograd)
-    import decovae_fast.kernels  # noqa: F401  (registers Triton kernels for the CUDA key)
+    import decovae_fast.ops.triton  # noqa: F401  (registers Triton kernels for the CUDA key)
 
-__all__ = ["gaussian_volume", "warp_residual", "warp_add", "causal_conv3d", "backends", "use_backend",
-           "backend_for", "forced_backend", "implements", "BACKENDS", "reference"]
+OPS = ("gaussian_volume", "warp_residual", "warp_add", "causal_conv3d")  # the public ops, by name
+
+__all__ = [*OPS, "OPS", "backends", "use_backend", "backend_for", "forced_backend", "implements", "BACKENDS",
+           "reference"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -53,7 +55,7 @@ def _call(op: str, device: torch.device, *args):
     if backend == "reference":
         return getattr(reference, op)(*args)
     if backend == "triton":
-        from decovae_fast.kernels import TRITON_OPS
+        from decovae_fast.ops.triton import TRITON_OPS
 
         return TRITON_OPS[op](*args)
     return getattr(torch.ops.decovae, op)(*args)

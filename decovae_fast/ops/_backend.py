@@ -103,7 +103,7 @@ def _has_kernel(op: str, key: str) -> bool:
 def _triton_has(op: str) -> bool:
     if not _triton_installed():
         return False
-    from decovae_fast.kernels import TRITON_OPS
+    from decovae_fast.ops.triton import TRITON_OPS
 
     return op in TRITON_OPS
 

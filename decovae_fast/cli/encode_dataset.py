@@ -1,0 +1,174 @@
+"""`decovae encode-dataset --inputs LIST|DIR --out DIR`: many videos to latent files.
+
+- Inputs: a folder (searched recursively for video files) or a text file with one path per line
+  (blank lines and lines starting with '#' skipped; relative paths are relative to the list).
+- Output of input `a/b.mp4` (relative to the inputs' common folder): OUT/a/b.mp4.safetensors,
+  written atomically, so a file that exists is complete: a rerun skips it (resume loses nothing).
+- Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) rank r takes inputs
+  r, r + W, r + 2W, ... of the sorted list: a deterministic split with no communication. A process
+  group (gloo on CPU, nccl on CUDA) is only used, when torchrun provides one, to wait for all ranks
+  and print the totals once.
+- Each input's result goes to OUT/manifest.jsonl (one JSON object per line, appended atomically):
+  status "ok" with sizes and time, or "failed" with the reason. A failure does not stop the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from decovae_fast.cli.flags import load_model, model_flags, progress, resolve_device, video_flags
+from decovae_fast.dtypes import DTYPES
+from decovae_fast.errors import UserError
+from decovae_fast.io.video import find_videos
+
+LATENT_SUFFIX = ".safetensors"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("encode-dataset", help="encode many videos (split across torchrun ranks)")
+    p.add_argument("--inputs", required=True, metavar="LIST|DIR",
+                   help="folder of videos (recursive) or text file with one video path per line")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the latent files")
+    p.add_argument("--manifest", metavar="FILE", help="JSON-lines log of results (default OUT/manifest.jsonl)")
+    video_flags(p)
+    model_flags(p)
+    p.set_defaults(run=run)
+
+
+def list_inputs(inputs) -> tuple[list[Path], Path]:
+    """(sorted input paths, their common root folder)."""
+    src = Path(inputs)
+    if not src.exists():
+        raise UserError(f"{src}: no such file or folder")
+    if src.is_dir():
+        paths = find_videos(src)
+        root = src
+    else:
+        try:
+            lines = src.read_text(encoding="utf-8").splitlines()
+        except (UnicodeDecodeError, OSError) as exc:
+            raise UserError(f"{src}: not a text file listing videos ({exc.__class__.__name__})") from None
+        entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        paths = [(src.parent / e) if not os.path.isabs(e) else Path(e) for e in entries]
+        paths = [Path(os.path.normpath(p)) for p in paths]
+        root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else src.parent
+    paths = sorted(set(paths))
+    if not paths:
+        raise UserError(f"{src}: no video files found")
+    return paths, root
+
+
+def output_path(src: Path, root: Path, out: Path) -> Path:
+    rel = os.path.relpath(src, root)
+    return out / (rel + LATENT_SUFFIX)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) when absent."""
+    try:
+        rank = int(os.environ.get("RANK", 0))
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    return rank, world, local
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One write() with O_APPEND: lines from concurrent ranks never interleave."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(dst: Path) -> None:
+    """Temporary files a crashed earlier run left for this output (only this rank writes it)."""
+    for p in dst.parent.glob(f".{dst.stem}.partial-*{dst.suffix}"):
+        p.unlink(missing_ok=True)
+
+
+def _process_group(device):
+    """torch.distributed group when torchrun set one up, else None."""
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist
+
+
+def run(args) -> int:
+    import torch
+
+    from decovae_fast.cli.codec import encode_file
+    from decovae_fast.io.video import parse_size
+
+    size = parse_size(args.size)
+    rank, world, local_rank = dist_env()
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", local_rank)
+    if args.chunk_frames is not None and args.chunk_frames < 1:
+        raise UserError(f"--chunk-frames {args.chunk_frames}: must be at least 1")
+    paths, root = list_inputs(args.inputs)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: output folder is not writable")
+    manifest = Path(args.manifest) if args.manifest else out / "manifest.jsonl"
+    dist = _process_group(device)
+
+    mine = paths[rank::world]
+    todo = [(src, output_path(src, root, out)) for src in mine]
+    todo = [(src, dst) for src, dst in todo if not dst.exists()]
+    counts = {"ok": 0, "failed": 0, "skipped": len(mine) - len(todo)}
+    model = load_model(args.weights, device, DTYPES[args.dtype]) if todo else None
+    bar = progress(args, len(todo), f"encode-dataset rank {rank}/{world}")
+    bar.unit = "video"
+    for src, dst in todo:
+        start = time.perf_counter()
+        record = {"input": str(src), "output": str(dst), "rank": rank}
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_partials(dst)
+            summary = encode_file(model, src, dst, size=size, max_frames=args.frames,
+                                  chunk_frames=args.chunk_frames, device=device, dtype=DTYPES[args.dtype])
+            record.update(status="ok", **summary)
+            counts["ok"] += 1
+        except UserError as exc:
+            record.update(status="failed", reason=str(exc))
+            counts["failed"] += 1
+        except Exception as exc:  # an internal error on one video must not stop the others
+            record.update(status="failed", reason=f"internal error: {type(exc).__name__}: {exc}")
+            counts["failed"] += 1
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        append_line(manifest, record)
+        bar.update(1)
+    bar.close()
+
+    if dist is not None:
+        totals = torch.tensor([counts["ok"], counts["failed"], counts["skipped"]], dtype=torch.int64,
+                              device=device)
+        dist.all_reduce(totals)
+        counts = dict(zip(("ok", "failed", "skipped"), totals.tolist()))
+        dist.destroy_process_group()
+        scope = "all ranks"
+    else:
+        scope = f"rank {rank}/{world}" if world > 1 else "all"
+    if rank == 0 or dist is None:
+        if not args.quiet or counts["failed"]:
+            print(f"encode-dataset ({scope}): {counts['ok']} encoded, {counts['skipped']} already done, "
+                  f"{counts['failed']} failed" + (f" (reasons in {manifest})" if counts["failed"] else ""),
+                  file=sys.stderr if counts["failed"] else sys.stdout)
+    return 0

@@ -1,0 +1,52 @@
+"""Output files that appear whole or not at all: each is written under a temporary name in its
+own folder (same filesystem, so the final rename is atomic) and renamed once complete. This is the
+one implementation: videos, latent files, reports, weights, checkpoints and benchmark JSON all go
+through atomic_output."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from decovae_fast.errors import UserError
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fails fast, before any heavy work, when `path` cannot be written as an output file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected an output file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"{path}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: output folder {folder} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{path}: output file exists and is not writable")
+    return path
+
+
+def temporary_name(path: str | os.PathLike) -> Path:
+    """A hidden sibling of `path` that keeps its extension (muxers pick the format from it)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yields a temporary path; renames it to `path` on success, removes it on any failure."""
+    path = check_writable(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` to `path`, atomically."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)
