@@ -66,21 +66,22 @@ def image_losses(model, video, cfg: TrainConfig) -> dict:
     post = DiagonalGaussian.from_moments(model._keyframe_moments(frames))
     recon = model._keyframe_image(post.sample(), StreamCache())
     with torch.autocast(video.device.type, enabled=False):
-        recon, target = recon.float(), frames.float()
-        l1, dssim = recon_loss(recon, target, cfg.ssim_weight)
-        kl = post.kl().float().sum() / target.numel()
-        return {"loss": l1 + cfg.ssim_weight * dssim + cfg.kl_weight * kl, "l1": l1, "dssim": dssim, "kl": kl}
+        return _recon_kl_terms(recon.float(), frames.float(), post.kl(), cfg)
 
 
 LOSSES = {"motion": motion_losses, "autoencoder": autoencoder_losses, "image": image_losses}
 
 
+def _recon_kl_terms(recon, target, kl, cfg: TrainConfig) -> dict:
+    """L1 + SSIM weight x (1 - SSIM) + KL weight x KL per input element, and those terms."""
+    l1, dssim = recon_loss(recon, target, cfg.ssim_weight)
+    kl = kl.float().sum() / target.numel()
+    return {"loss": l1 + cfg.ssim_weight * dssim + cfg.kl_weight * kl, "l1": l1, "dssim": dssim, "kl": kl}
+
+
 def _autoencoder_terms(out, video, cfg: TrainConfig) -> dict:
-    recon = out.sample.float()
-    l1, dssim = recon_loss(recon, video, cfg.ssim_weight)
-    kl = out.latent.kl().float().sum() / video.numel()
-    total = l1 + cfg.ssim_weight * dssim + cfg.kl_weight * kl
-    terms = {"l1": l1, "dssim": dssim, "kl": kl}
+    terms = _recon_kl_terms(out.sample.float(), video, out.latent.kl(), cfg)
+    total = terms.pop("loss")
     parts = out.parts or {}
     for name in ("keyframe", "motion", "residual"):  # DeCoVAE's decoded parts against their targets
         pred, target = parts.get(name), parts.get("target_" + name)
