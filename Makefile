@@ -8,7 +8,7 @@ export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/
 # no GPU visible: compile the CUDA kernels for Hopper (the setup.py default adds Ampere too)
 export TORCH_CUDA_ARCH_LIST ?= $(shell nvidia-smi >/dev/null 2>&1 || echo 9.0)
 
-.PHONY: setup build run test bench clean
+.PHONY: setup build run test bench wheel-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/decovae bench --quick --json bench/results/$$($(PY) -c "import decovae_fast.benchmark.harness as b; print(b.device_slug())").json
+
+# a wheel in a fresh venv, run from outside the source tree with every CPU kernel variant forced
+wheel-check: setup
+	PYTHON=$(abspath $(PY)) scripts/wheel_check.sh
 
 clean:
 	rm -rf build $(VENV) decovae_fast/_C*.so *.egg-info

@@ -6,6 +6,7 @@ Install with `pip install --no-build-isolation -e .` (this file imports torch).
 """
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -61,9 +62,14 @@ def _nvidia_wheel_includes():
 
 def _extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    # A source build runs where it is built: tune for this CPU unless told otherwise.
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-march=" + os.environ.get("DECOVAE_MARCH", "native")]
+    # Portable baseline: the hot kernels are compiled again for AVX2 and AVX-512 in their own files
+    # (csrc/cpu/kernels_*.cpp) and chosen at run time, so one build runs on every x86-64 CPU.
+    # DECOVAE_MARCH=native tunes everything for the build host instead (opt-in).
+    march = os.environ.get("DECOVAE_MARCH", "x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "")
+    cxx = ["-O3", "-std=c++20", "-fopenmp"] + (["-march=" + march] if march else [])
     include_dirs = [os.path.join(ROOT, "csrc")]
+    # the baseline the build used, for `decovae info` and the test that inspects the built library
+    macros = [("DECOVAE_BUILD_MARCH", '"%s"' % (march or "default"))]
     libs = ["gomp"]
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -73,11 +79,11 @@ def _extension():
             "decovae_fast._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs + _nvidia_wheel_includes(),
-            define_macros=[("DECOVAE_WITH_CUDA", "1")],
+            define_macros=macros + [("DECOVAE_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]},
             libraries=libs,
         )
-    return CppExtension("decovae_fast._C", cpu_sources, include_dirs=include_dirs,
+    return CppExtension("decovae_fast._C", cpu_sources, include_dirs=include_dirs, define_macros=macros,
                         extra_compile_args={"cxx": cxx}, libraries=libs)
 
 

@@ -3,6 +3,8 @@
 // in decovae_fast/ops/_library.py.
 #include <torch/extension.h>
 
+#include "cpu/capability.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -36,6 +38,10 @@ TORCH_LIBRARY(decovae, m) {
       "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifndef DECOVAE_BUILD_MARCH
+#define DECOVAE_BUILD_MARCH "unknown"
+#endif
+
 namespace {
 bool cuda_compiled() {
 #ifdef DECOVAE_WITH_CUDA
@@ -56,4 +62,12 @@ int openmp_threads() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_compiled", &cuda_compiled, "whether the CUDA kernels were compiled in");
   m.def("openmp_threads", &openmp_threads, "OpenMP threads available to the CPU kernels");
+  // The CPU kernels' instruction set (csrc/cpu/capability.h).
+  m.def("cpu_capability", [] { return std::string(decovae::cpu::capability_name(decovae::cpu::capability())); },
+        "the instruction set the CPU kernels run with: default, avx2 or avx512");
+  m.def("cpu_capability_reason", &decovae::cpu::capability_reason, "why that instruction set was chosen");
+  m.def("set_cpu_capability", &decovae::cpu::set_capability, "force the CPU kernels' instruction set");
+  m.def("build_march", [] { return std::string(DECOVAE_BUILD_MARCH); }, "the -march of the portable code");
+  m.def("supported_cpu_capabilities", &decovae::cpu::supported_capabilities,
+        "the instruction sets this CPU runs, portable first");
 }

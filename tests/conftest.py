@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from decovae_fast import _ext
+
 
 @contextlib.contextmanager
 def num_threads(n: int):
@@ -165,3 +167,40 @@ def make_truncated_video(make_clip, path, keep=0.6):
     data = make_clip(24, 64, 64, faststart=True).read_bytes()  # index first: the cut hits the frames
     path.write_bytes(data[:int(len(data) * keep)])
     return path
+
+# ---- CPU kernel variants ------------------------------------------------------------------------
+# The CPU kernels are compiled per instruction set (csrc/cpu/kernels_*.cpp): every CPU kernel test
+# of the modules below runs once per variant this CPU runs (ids [isa_default], [isa_avx2],
+# [isa_avx512]), with the variant forced for this process and for any subprocess a test starts.
+
+# Modules whose CPU tests run per variant; their Triton and GPU tests run once.
+PER_ISA_MODULES = ("test_warp_ops", "test_causal_conv3d", "test_cpu_capability")
+
+
+def _per_isa(metafunc) -> bool:
+    name = metafunc.function.__name__
+    return (metafunc.module.__name__.rsplit(".", 1)[-1] in PER_ISA_MODULES
+            and "triton" not in name and "gpu" not in name)
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_isa" in metafunc.fixturenames and _per_isa(metafunc):
+        isas = _ext.supported_cpu_capabilities()
+        if isas:
+            metafunc.parametrize("cpu_isa", isas, indirect=True, ids=[f"isa_{i}" for i in isas])
+
+
+@pytest.fixture
+def cpu_isa(request, monkeypatch):
+    """The variant this test runs with (None where the test is not run per variant)."""
+    name = getattr(request, "param", None)
+    if name is None:
+        yield None
+        return
+    before = _ext.cpu_capability()
+    _ext.set_cpu_capability(name)
+    monkeypatch.setenv("DECOVAE_CPU_CAPABILITY", name)
+    try:
+        yield name
+    finally:
+        _ext.set_cpu_capability(before)

@@ -21,25 +21,13 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include "causal_conv3d.h"
 #include "causal_conv3d_common.h"
 
 namespace decovae::conv3d {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-// Defined in csrc/cpu/causal_conv3d.cpp.
-void check_causal_conv3d_args(const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
-                              const OptTensor& cache, const OptTensor& norm_weight, const OptTensor& residual);
-Tensor make_new_cache(const Tensor& x, const OptTensor& cache, int64_t kt);
-std::tuple<Tensor, Tensor> causal_conv3d_composite(const Tensor& x, const Tensor& weight, const OptTensor& bias,
-                                                   at::IntArrayRef stride, const OptTensor& cache,
-                                                   const OptTensor& norm_weight, double eps, bool prologue_silu,
-                                                   bool epilogue_silu, const OptTensor& residual);
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> causal_conv3d_backward_composite(
-    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const OptTensor& bias, at::IntArrayRef stride,
-    const OptTensor& cache, const OptTensor& norm_weight, double eps, bool prologue_silu, bool epilogue_silu,
-    std::array<bool, 5> mask);
 
 namespace {
 

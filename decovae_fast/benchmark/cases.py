@@ -3,6 +3,7 @@ fast backend, the reference, and the plain PyTorch way of writing it), checked a
 reference before they are timed interleaved."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -37,19 +38,46 @@ class OpCase:
 
 def fast_backends(op: str, device: torch.device) -> list[str]:
     """Usable backends with their own kernel for `op` on `device` (the reference excluded).
-    The Triton interpreter on a CPU is not timed: it is a correctness tool, not a backend."""
+    The Triton interpreter on a CPU is not timed: it is a correctness tool, not a backend.
+    The CPU backend appears once per instruction set this CPU runs, as "cpu@<isa>", the one chosen
+    at run time first (csrc/cpu/capability.h)."""
+    from decovae_fast import _ext
     from decovae_fast.ops import backends, implements
 
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     avail = backends()
-    return [b for b in order if avail[b]["usable"] and implements(b, op)]
+    names = [b for b in order if avail[b]["usable"] and implements(b, op)]
+    if "cpu" in names:
+        chosen = _ext.cpu_capability()
+        isas = [chosen] + [i for i in reversed(_ext.supported_cpu_capabilities()) if i != chosen]
+        names = [n for n in names if n != "cpu"] + [f"cpu@{i}" for i in isas]
+    return names
+
+
+@contextlib.contextmanager
+def _cpu_isa(isa: str):
+    """The CPU kernels of `isa` inside the block ("" leaves them as they are)."""
+    from decovae_fast import _ext
+
+    if not isa:
+        yield
+        return
+    before = _ext.cpu_capability()
+    _ext.set_cpu_capability(isa)
+    try:
+        yield
+    finally:
+        _ext.set_cpu_capability(before)
 
 
 def _with_backend(backend: str, fn: Callable) -> Callable:
+    """fn run with `backend` forced; "cpu@avx2" is the CPU backend with its AVX2 kernels."""
     from decovae_fast.ops import use_backend
 
+    name, _, isa = backend.partition("@")
+
     def call():
-        with use_backend(backend):
+        with use_backend(name), _cpu_isa(isa):
             return fn()
     return call
 

@@ -32,7 +32,8 @@ def format_table(result: dict, json_path: str | None = None) -> str:
         f"Measured on {result['device']}, torch {result['torch']}, {result['threads']} threads, "
         f"allocator: {'GLIBC_TUNABLES=' + tun if tun else 'glibc default'}, load average "
         f"{result.get('loadavg_start')} at start, {result.get('loadavg_end')} at end"
-        f"{'' if not result.get('quick') else ' (--quick)'}.",
+        f"{'' if not result.get('quick') else ' (--quick)'}."
+        + "".join(f" Left out: {why}." for why in result.get("left_out", [])),
         f"Ceilings measured in the same run: copy {c['copy_gbps']:.1f} GB/s (read + write; the best of "
         f"{len(samples)} samples: {', '.join(f'{x:.1f}' for x in samples)}), matmul "
         + ", ".join(f"{d} {v:.0f}" for d, v in c["matmul_gflops"].items()) + " GFLOP/s.",
@@ -201,6 +202,10 @@ def target_lines(result: dict) -> list[str]:
         out.append(f"warp_residual.fwd {r['backend']} {r['shape']}: {r['speedup']:.2f}x the reference (target >= 8x): "
                    f"{verdict(r['speedup'] >= 8)}; {100 * r['ceiling_fraction']:.1f}% of the run's copy bandwidth"
                    f"{same} (target >= 40%): {verdict(r['ceiling_fraction'] >= 0.4)}")
+        if r["backend"] == "cpu@avx2" and copy and copy["gbps"]:  # the AVX2 kernels' own target
+            frac = r["gbps"] / copy["gbps"]
+            out.append(f"warp_residual.fwd cpu@avx2 {r['shape']}: {100 * frac:.0f}% of the same-size copy "
+                       f"(AVX2 target >= 35%): {verdict(frac >= 0.35)}")
     for r in _get(rows, "warp_residual.fwd_bwd"):
         if r["backend"] not in NOT_FAST:
             out.append(f"warp_residual.fwd_bwd {r['backend']} {r['shape']}: {r['speedup']:.2f}x the reference "

@@ -54,12 +54,13 @@ def _recipe(name: str, video_shape: tuple, image_shape: tuple):
 
 def run_training(plan, log=lambda msg: None) -> list[dict]:
     from decovae_fast.training.loop import train_step
-    from decovae_fast.training.runtime import backend_context, cpu_has_bf16
+    from decovae_fast.dtypes import cpu_has_native_bf16
+    from decovae_fast.training.runtime import backend_context
 
     device = torch.device("cpu")  # the recipes' device here; a GPU run trains with torchrun
     rows = []
     names = list(plan.train_recipes or RECIPES)
-    dtypes = ["fp32"] + (["bf16"] if cpu_has_bf16() else [])  # bf16 crawls without native support
+    dtypes = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])  # bf16 crawls without native support
     threads = torch.get_num_threads()
     for dtype in dtypes:
         built = {n: _recipe(n, plan.train_video_shape, plan.train_image_shape) for n in names}

@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from decovae_fast.cli.flags import load_model, model_flags, progress, resolve_device, video_flags
-from decovae_fast.dtypes import DTYPES
+from decovae_fast.cli.flags import compute_dtype, load_model, model_flags, progress, resolve_device, video_flags
 from decovae_fast.errors import UserError
 from decovae_fast.io.video import find_videos
 
@@ -133,7 +132,8 @@ def run(args) -> int:
     todo = [(src, output_path(src, root, out)) for src in mine]
     todo = [(src, dst) for src, dst in todo if not dst.exists()]
     counts = {"ok": 0, "failed": 0, "skipped": len(mine) - len(todo)}
-    model = load_model(args.weights, device, DTYPES[args.dtype]) if todo else None
+    dtype = compute_dtype(args.dtype, device)
+    model = load_model(args.weights, device, dtype) if todo else None
     bar = progress(args, len(todo), f"encode-dataset rank {rank}/{world}")
     bar.unit = "video"
     for src, dst in todo:
@@ -143,7 +143,7 @@ def run(args) -> int:
             dst.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_partials(dst)
             summary = encode_file(model, src, dst, size=size, max_frames=args.frames,
-                                  chunk_frames=args.chunk_frames, device=device, dtype=DTYPES[args.dtype])
+                                  chunk_frames=args.chunk_frames, device=device, dtype=dtype)
             record.update(status="ok", **summary)
             counts["ok"] += 1
         except UserError as exc:

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from decovae_fast.dtypes import DTYPES
+from decovae_fast.dtypes import DTYPES, cpu_has_native_bf16
 from decovae_fast.errors import UserError
 
 
@@ -23,6 +23,16 @@ def model_flags(p) -> None:
 def video_flags(p) -> None:
     p.add_argument("--size", metavar="HxW", help="resize frames to HEIGHTxWIDTH")
     p.add_argument("--frames", type=int, metavar="N", help="use at most the first N frames")
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype --dtype names; bf16 on a CPU without native bf16 crawls (dtypes.cpu_has_native_bf16),
+    so there it is fp32, with a one-line note."""
+    if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        print("decovae: note: this CPU has no native bf16 (avx512_bf16 or AMX); computing in fp32",
+              file=sys.stderr)
+        return torch.float32
+    return DTYPES[name]
 
 
 def resolve_device(name: str) -> torch.device:

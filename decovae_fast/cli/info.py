@@ -1,4 +1,5 @@
-"""`decovae info`: versions, which backends are compiled and usable here, and the device."""
+"""`decovae info`: versions, which backends are compiled and usable here, the CPU kernels' instruction
+set and why it was chosen, and the device."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ def collect() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()}, "
                                                                 f"{torch.get_num_threads()} threads)",
         "extension": "built" if _ext.cpu_compiled() else f"not built ({_ext.LOAD_ERROR})",
+        "cpu_kernels": _ext.cpu_capability_reason(),
         "backends": backends(),
     }
     try:

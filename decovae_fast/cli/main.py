@@ -42,10 +42,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_cpu_capability() -> None:
+    """DECOVAE_CPU_CAPABILITY naming an instruction set this CPU lacks is a user error, not a crash
+    in the middle of a run."""
+    from decovae_fast import _ext
+
+    try:
+        _ext.cpu_capability()
+    except RuntimeError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "info":  # info reports it; every other command needs it to be valid
+            _check_cpu_capability()
         return int(args.run(args) or 0)
     except UserError as exc:
         print(f"decovae {args.command}: error: {exc}", file=sys.stderr)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 import torch
 
+from decovae_fast.dtypes import cpu_has_native_bf16
 from decovae_fast.errors import UserError
 from decovae_fast.training.config import TrainConfig
 
@@ -53,15 +53,7 @@ def amp_enabled(cfg: TrainConfig, device: torch.device | None = None) -> bool:
     # On a CPU without native bf16 (AVX2 only) autocast's bf16 convolutions crawl (issue 21: a
     # 128-channel conv3d did not finish in 120 s where fp32 took 0.54 s), so auto means fp32 there.
     # auto: measured on this machine's EPYC (avx512_bf16), bf16 autocast made a tiny step faster
-    return torch.backends.mkldnn.is_available() and cpu_has_bf16()
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
 
 
 def backend_context(cfg: TrainConfig):

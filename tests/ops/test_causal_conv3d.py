@@ -22,7 +22,9 @@ from decovae_fast import _ext
 from decovae_fast.ops import reference
 from conftest import num_threads
 
-pytestmark = pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built")
+# CPU tests run once per compiled instruction set (tests/ops/conftest.py)
+pytestmark = [pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built"),
+              pytest.mark.usefixtures("cpu_isa")]
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
 # GPU fp32 runs cuDNN on both sides, possibly with TF32 (10-bit mantissa) and different algorithms.

@@ -17,6 +17,9 @@ from decovae_fast.ops import _backend
 from decovae_fast.ops import reference as R
 from conftest import num_threads
 
+# CPU tests run once per compiled instruction set (tests/ops/conftest.py)
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 needs_ext = pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built")
 
 # Tolerances per dtype. Kernels and reference both compute in fp32 from the same (already rounded)

@@ -1,0 +1,59 @@
+// Per-ISA part shared by the warp's forward and backward kernels (included by warp_forward.h and
+// warp_backward.h inside one kernels_<isa>.cpp): the row taps and their fill, a vectorisable pass
+// compiled for the ISA of the kernels that call it.
+#pragma once
+
+#include "cpu/warp_common.h"
+
+namespace decovae::cpu::DECOVAE_ISA::warp {
+using namespace ::decovae::cpu::warp;
+
+// Corner offsets and weights of one row of sample points, for a volume with the given row and
+// plane strides (in pixels). For corner (s, y) the offset is base[s*2+y][x]; x1 = x0 + dx[x].
+template <typename acc_t>
+struct RowTaps {
+  std::vector<int32_t> base[4], dx;
+  std::vector<acc_t> wx, wy, ws, px, py, ps;
+  explicit RowTaps(int64_t W) : dx(W), wx(W), wy(W), ws(W), px(W), py(W), ps(W) {
+    for (auto& b : base) b.resize(W);
+  }
+};
+
+template <typename acc_t, typename motion_t>
+void fill_taps(RowTaps<acc_t>& t, const motion_t* __restrict mu, const motion_t* __restrict mv,
+               const motion_t* __restrict ms, int y, int D, int H, int W, int32_t row_stride, int32_t plane_stride) {
+  int32_t* __restrict b00 = t.base[0].data();
+  int32_t* __restrict b01 = t.base[1].data();
+  int32_t* __restrict b10 = t.base[2].data();
+  int32_t* __restrict b11 = t.base[3].data();
+  int32_t* __restrict dxp = t.dx.data();
+  acc_t* __restrict wxp = t.wx.data();
+  acc_t* __restrict wyp = t.wy.data();
+  acc_t* __restrict wsp = t.ws.data();
+  acc_t* __restrict pxp = t.px.data();
+  acc_t* __restrict pyp = t.py.data();
+  acc_t* __restrict psp = t.ps.data();
+  const acc_t fy = static_cast<acc_t>(y);
+#pragma omp simd
+  for (int x = 0; x < W; ++x) {
+    int x0, sx, y0, sy, s0, ss;
+    acc_t ax, ay, as, qx, qy, qs;
+    axis<acc_t>(static_cast<acc_t>(x) + static_cast<acc_t>(mu[x]), W, x0, sx, ax, qx);
+    axis<acc_t>(fy + static_cast<acc_t>(mv[x]), H, y0, sy, ay, qy);
+    axis<acc_t>(static_cast<acc_t>(ms[x]), D, s0, ss, as, qs);
+    const int32_t r0 = s0 * plane_stride + y0 * row_stride + x0;
+    b00[x] = r0;
+    b01[x] = r0 + sy * row_stride;
+    b10[x] = r0 + ss * plane_stride;
+    b11[x] = r0 + ss * plane_stride + sy * row_stride;
+    dxp[x] = sx;
+    wxp[x] = ax;
+    wyp[x] = ay;
+    wsp[x] = as;
+    pxp[x] = qx;
+    pyp[x] = qy;
+    psp[x] = qs;
+  }
+}
+
+}  // namespace decovae::cpu::DECOVAE_ISA::warp
