@@ -7,6 +7,7 @@ of OpenCV's DIS flow), then frozen; 1 keyframe encoder + decoder; 2 motion encod
 encoder; 4 joint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -257,14 +258,29 @@ def _train(cfg, resume, quiet, max_steps, model, batches) -> dict:
     return state
 
 
+@contextlib.contextmanager
+def _evaluating(module):
+    """module in eval mode inside the block (its device is yielded), its training flag restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield next(module.parameters()).device
+    finally:
+        module.train(was_training)
+
+
+def _with_mean(res: dict, keys: tuple) -> dict:
+    """res ({clip: {key: value}}) with a "mean" entry over the clips, when there are any."""
+    if res:
+        res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in keys}
+    return res
+
+
 @torch.no_grad()
 def evaluate(model, clips, amp: bool = False) -> dict:
     """PSNR / SSIM (dB, mean over frames) of each clip's reconstruction (posterior means)."""
-    was_training = model.training
-    model.eval()
     res = {}
-    dev = next(model.parameters()).device
-    try:
+    with _evaluating(model) as dev:
         for name, video in clips:
             video = video.to(dev)
             with autocast(amp, dev.type):
@@ -272,11 +288,7 @@ def evaluate(model, clips, amp: bool = False) -> dict:
             recon = recon.float().clamp(-1, 1)
             res[name] = {"psnr": float(metrics.psnr(recon, video).mean()),
                          "ssim": float(metrics.ssim(recon, video).mean())}
-        if res:
-            res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in ("psnr", "ssim")}
-    finally:
-        model.train(was_training)
-    return res
+    return _with_mean(res, ("psnr", "ssim"))
 
 
 @torch.no_grad()
@@ -286,11 +298,8 @@ def evaluate_motion(model, clips, gop: int, amp: bool = False) -> dict:
     from decovae_fast import ops
 
     me = model.motion_estimator
-    was_training = me.training
-    me.eval()
     res = {}
-    dev = next(me.parameters()).device
-    try:
+    with _evaluating(me) as dev:
         for name, video in clips:
             v = video[:, :, :gop].to(dev)
             key = v[:, :, 0]
@@ -302,11 +311,7 @@ def evaluate_motion(model, clips, gop: int, amp: bool = False) -> dict:
             res[name] = {"psnr": float(metrics.psnr(pred[:, :, 1:], v[:, :, 1:]).mean()),
                          "copy_psnr": float(metrics.psnr(copy[:, :, 1:], v[:, :, 1:]).mean()),
                          "ssim": float(metrics.ssim(pred[:, :, 1:], v[:, :, 1:]).mean())}
-        if res:
-            res["mean"] = {k: float(np.mean([r[k] for r in res.values()])) for k in ("psnr", "copy_psnr", "ssim")}
-    finally:
-        me.train(was_training)
-    return res
+    return _with_mean(res, ("psnr", "copy_psnr", "ssim"))
 
 
 def plot_losses(history: list, val_history: list, path: Path) -> None:
