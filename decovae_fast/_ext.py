@@ -1,4 +1,6 @@
 """Loads the compiled extension decovae_fast._C (which registers torch.ops.decovae.*), if built."""
+import contextlib
+
 try:
     from decovae_fast import _C  # noqa: F401  (importing registers the ops)
 
@@ -47,3 +49,14 @@ def set_cpu_capability(name: str) -> None:
     if _C is None:
         raise RuntimeError("the extension is not built")
     _C.set_cpu_capability(name)
+
+
+@contextlib.contextmanager
+def forced_cpu_capability(name: str):
+    """The CPU kernels of instruction set `name` inside the block, the previous choice restored after."""
+    before = cpu_capability()
+    set_cpu_capability(name)
+    try:
+        yield name
+    finally:
+        set_cpu_capability(before)

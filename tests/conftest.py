@@ -197,10 +197,6 @@ def cpu_isa(request, monkeypatch):
     if name is None:
         yield None
         return
-    before = _ext.cpu_capability()
-    _ext.set_cpu_capability(name)
     monkeypatch.setenv("DECOVAE_CPU_CAPABILITY", name)
-    try:
+    with _ext.forced_cpu_capability(name):
         yield name
-    finally:
-        _ext.set_cpu_capability(before)

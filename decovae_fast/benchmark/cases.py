@@ -54,30 +54,15 @@ def fast_backends(op: str, device: torch.device) -> list[str]:
     return names
 
 
-@contextlib.contextmanager
-def _cpu_isa(isa: str):
-    """The CPU kernels of `isa` inside the block ("" leaves them as they are)."""
-    from decovae_fast import _ext
-
-    if not isa:
-        yield
-        return
-    before = _ext.cpu_capability()
-    _ext.set_cpu_capability(isa)
-    try:
-        yield
-    finally:
-        _ext.set_cpu_capability(before)
-
-
 def _with_backend(backend: str, fn: Callable) -> Callable:
     """fn run with `backend` forced; "cpu@avx2" is the CPU backend with its AVX2 kernels."""
+    from decovae_fast import _ext
     from decovae_fast.ops import use_backend
 
     name, _, isa = backend.partition("@")
 
     def call():
-        with use_backend(name), _cpu_isa(isa):
+        with use_backend(name), (_ext.forced_cpu_capability(isa) if isa else contextlib.nullcontext()):
             return fn()
     return call
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decovae_fast.cli.flags import compute_dtype, load_model, model_flags, progress, resolve_device, video_flags
+from decovae_fast.cli.flags import device_and_dtype, load_model, model_flags, progress, video_flags
 from decovae_fast.errors import UserError
 from decovae_fast.io.outputs import atomic_output, check_writable
 
@@ -107,8 +107,7 @@ def run_reconstruct(args) -> int:
 
     _check_common(args)
     size = parse_size(args.size)
-    device = resolve_device(args.device)
-    dtype = compute_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(args)
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
@@ -234,8 +233,7 @@ def run_encode(args) -> int:
 
     _check_common(args)
     size = parse_size(args.size)
-    device = resolve_device(args.device)
-    dtype = compute_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(args)
     check_input_file(args.input)
     check_writable(args.output)
     model = load_model(args.weights, device, dtype)
@@ -254,8 +252,7 @@ def run_decode(args) -> int:
     from decovae_fast.io.video import VideoWriter, tensor_to_frames
 
     _check_common(args)
-    device = resolve_device(args.device)
-    dtype = compute_dtype(args.dtype, device)
+    device, dtype = device_and_dtype(args)
     check_writable(args.output)
     model = load_model(args.weights, device, dtype)
     lat = load_latent(args.input, expect_config_hash=model.config_hash())

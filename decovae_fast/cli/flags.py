@@ -25,6 +25,12 @@ def video_flags(p) -> None:
     p.add_argument("--frames", type=int, metavar="N", help="use at most the first N frames")
 
 
+def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype that --device and --dtype name (model_flags)."""
+    device = resolve_device(args.device)
+    return device, compute_dtype(args.dtype, device)
+
+
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     """The dtype --dtype names; bf16 on a CPU without native bf16 crawls (dtypes.cpu_has_native_bf16),
     so there it is fp32, with a one-line note."""
