@@ -1,6 +1,8 @@
 // What the warp's op file (warp.cpp) and its per-ISA kernels (warp_forward.h, warp_backward.h)
-// share: the op's dimensions, the border-clamped axis interpolation of the reference, the row taps
-// and the buffer pool. Compiled for the portable baseline (included before any target switch).
+// share: the op's dimensions, the packed layout and the buffer pool. Compiled for the portable
+// baseline (included before any target switch), so it holds no template: one instantiated by the
+// ISA kernels could be compiled for their ISA, and the linker could keep that copy for every caller
+// (tests/ops/test_cpu_capability.py checks the built library for such copies).
 #pragma once
 
 #include "cpu/kernels.h"
@@ -13,26 +15,6 @@ struct Dims {
 
 inline Dims dims_of(const at::Tensor& volume, const at::Tensor& frames) {
   return Dims{frames.size(0), frames.size(1), frames.size(2), volume.size(2), frames.size(3), frames.size(4)};
-}
-
-// Border-clamped linear interpolation along one axis, as reference._axis: c = clamp(coord, 0, n-1),
-// lo = floor(c), hi = min(lo+1, n-1), w = c - lo. NaN maps to 0 so indices always stay in range.
-// `pass` is the reference's gradient mask: torch.clamp with scalar bounds gives a zero gradient
-// where coord equals a bound, not only beyond it.
-template <typename acc_t>
-inline void axis(acc_t coord, int n, int& lo, int& step, acc_t& w, acc_t& pass) {
-  const acc_t top = acc_t(n - 1);
-  pass = (coord > acc_t(0) && coord < top) ? acc_t(1) : acc_t(0);
-  acc_t c = coord > acc_t(0) ? coord : acc_t(0);
-  c = c < top ? c : top;
-  lo = static_cast<int>(c);  // c >= 0: truncation is floor
-  w = c - static_cast<acc_t>(lo);
-  step = lo + 1 < n ? 1 : 0;  // hi = lo + step
-}
-
-template <typename acc_t>
-inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
-  return a + w * (b - a);
 }
 
 // The forward reads the volume repacked as (B, D, H, W+1, Cp) in acc_t: the channels of a pixel

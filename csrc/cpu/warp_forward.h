@@ -32,7 +32,10 @@ struct NextRow {
   const scalar_t* pack;  // channel 0, level 0 of the volume row the ring packs next (nullptr: none)
 };
 
-inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
+// always_inline, as prefetch_next below: GCC takes a function that only prefetches for one without
+// side effects and deletes the calls to it unless it was inlined first (measured: a non-inlined
+// prefetch_next left no prefetch in the library, and the SIMD forward ran ~2x slower).
+__attribute__((always_inline)) inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 #if DECOVAE_ISA_LEVEL >= 2
 // ---- AVX-512: 16 values of a tensor dtype as fp32 (lanes outside k read as 0), and back with the
@@ -246,6 +249,35 @@ struct RowRing {
   }
 };
 
+// What both SIMD rows do per block: pack the samples outside the ring's window (lanes set in
+// `far`) into the scratch rows and point their offsets there; prefetch into L2 the lines at column
+// x of row + kRowsAhead (inputs, and the output unless it is streamed) and of the volume row the
+// ring packs next.
+template <typename scalar_t, typename Taps>
+inline void fill_far_lanes(const RowRing<scalar_t>& ring, Taps& tp, unsigned far, int corners) {
+  for (; far; far &= far - 1) {
+    const int i = __builtin_ctz(far);
+    ring.fill_far(2 * i, tp.x0[i], tp.y0[i], tp.s0[i], corners);
+    tp.off[i] = (RowRing<scalar_t>::kScratch * ring.row_stride + 2 * i) * 4;
+  }
+}
+
+template <typename scalar_t, typename motion_t>
+__attribute__((always_inline)) inline void prefetch_next(const NextRow<scalar_t, motion_t>& next, int C, int D, int64_t HW, int64_t cstride, int x,
+                          bool stream_out) {
+  if (next.pack) {  // volume planes: level stride H * W, channel stride D * H * W
+    for (int c = 0; c < C; ++c)
+      for (int sl = 0; sl < D; ++sl) prefetch_l2(next.pack + (c * D + sl) * HW + x);
+  }
+  if (next.frames) {
+    for (int j = 0; j < 3; ++j) prefetch_l2(next.motion + j * next.mstride + x);
+    for (int c = 0; c < C; ++c) {
+      prefetch_l2(next.frames + c * cstride + x);
+      if (!stream_out) prefetch_l2(next.out + c * cstride + x);
+    }
+  }
+}
+
 // ---- forward_row: out[c][x] = frames[c][x] -/+ sample for one output row, sampling the ring's
 // window; kLevels false for L = 0 (plain bilinear: two corner rows). Every ISA takes the same taps:
 // along y and s the lower corner is clamped to n - 2 (at the upper border its weight is then 0 and
@@ -320,27 +352,12 @@ void forward_row(const RowRing<scalar_t>& ring, const motion_t* mu, const motion
     const __mmask16 k = W - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (W - x)) - 1);
     if (x + 16 < W) taps(x + 16, buf[cur ^ 1]);  // the next block's taps, stored well before they are read
     Taps& tc = buf[cur];
-    for (unsigned far = tc.far; far; far &= far - 1) {
-      const int i = __builtin_ctz(far);
-      ring.fill_far(2 * i, tc.x0[i], tc.y0[i], tc.s0[i], kCorners);
-      tc.off[i] = (Ring::kScratch * row_stride + 2 * i) * 4;
-    }
+    fill_far_lanes(ring, tc, tc.far, kCorners);
     const int32_t* off = tc.off;
     const auto& wr = tc.wr;
     const __m512 ax = _mm512_load_ps(tc.ax), ax1 = _mm512_sub_ps(one, ax);
     asm volatile("" : : "r"(buf) : "memory");  // lanes are read back as scalars, not extracted
-    if (next.pack) {  // volume planes: level stride H * W, channel stride D * H * W
-      const int64_t HW = static_cast<int64_t>(H) * W;
-      for (int c = 0; c < C; ++c)
-        for (int sl = 0; sl < D; ++sl) prefetch_l2(next.pack + (c * D + sl) * HW + x);
-    }
-    if (next.frames) {
-      for (int j = 0; j < 3; ++j) prefetch_l2(next.motion + j * next.mstride + x);
-      for (int c = 0; c < C; ++c) {
-        prefetch_l2(next.frames + c * cstride + x);
-        if (!stream_out) prefetch_l2(next.out + c * cstride + x);
-      }
-    }
+    prefetch_next(next, C, D, static_cast<int64_t>(H) * W, cstride, x, stream_out);
     // a(i) = sum over corner rows of w * (x0 channels, x1 channels); two pixels share one x-weight
     // multiply; four pixels fold their x0 and x1 halves into the prediction vector p[i / 4].
     __m512 p[4];
@@ -446,25 +463,9 @@ void forward_row(const RowRing<scalar_t>& ring, const motion_t* mu, const motion
     const int n = std::min(8, W - x);
     if (x + 8 < W) taps(x + 8, buf[cur ^ 1]);  // the next block's taps, stored well before they are read
     Taps& tp = buf[cur];
-    for (unsigned far = tp.far; far; far &= far - 1) {
-      const int i = __builtin_ctz(far);
-      ring.fill_far(2 * i, tp.x0[i], tp.y0[i], tp.s0[i], kCorners);
-      tp.off[i] = (Ring::kScratch * row_stride + 2 * i) * 4;
-    }
+    fill_far_lanes(ring, tp, tp.far, kCorners);
     asm volatile("" : : "r"(buf) : "memory");  // lanes are read back as scalars, not extracted
-    if (x % 16 == 0) {  // one cache line of fp32 per 16 pixels
-      if (next.pack) {  // volume planes: level stride H * W, channel stride D * H * W
-        for (int c = 0; c < C; ++c)
-          for (int sl = 0; sl < D; ++sl) prefetch_l2(next.pack + (c * D + sl) * HW + x);
-      }
-      if (next.frames) {
-        for (int j = 0; j < 3; ++j) prefetch_l2(next.motion + j * next.mstride + x);
-        for (int c = 0; c < C; ++c) {
-          prefetch_l2(next.frames + c * cstride + x);
-          if (!stream_out) prefetch_l2(next.out + c * cstride + x);
-        }
-      }
-    }
+    if (x % 16 == 0) prefetch_next(next, C, D, HW, cstride, x, stream_out);  // one fp32 line per 16 pixels
     __m256 z[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) {

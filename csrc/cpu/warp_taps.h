@@ -1,12 +1,32 @@
 // Per-ISA part shared by the warp's forward and backward kernels (included by warp_forward.h and
-// warp_backward.h inside one kernels_<isa>.cpp): the row taps and their fill, a vectorisable pass
-// compiled for the ISA of the kernels that call it.
+// warp_backward.h inside one kernels_<isa>.cpp): the reference's axis interpolation and the row
+// taps with their fill, a vectorisable pass compiled for the ISA of the kernels that call it.
 #pragma once
 
 #include "cpu/warp_common.h"
 
 namespace decovae::cpu::DECOVAE_ISA::warp {
 using namespace ::decovae::cpu::warp;
+
+// Border-clamped linear interpolation along one axis, as reference._axis: c = clamp(coord, 0, n-1),
+// lo = floor(c), hi = min(lo+1, n-1), w = c - lo. NaN maps to 0 so indices always stay in range.
+// `pass` is the reference's gradient mask: torch.clamp with scalar bounds gives a zero gradient
+// where coord equals a bound, not only beyond it.
+template <typename acc_t>
+inline void axis(acc_t coord, int n, int& lo, int& step, acc_t& w, acc_t& pass) {
+  const acc_t top = acc_t(n - 1);
+  pass = (coord > acc_t(0) && coord < top) ? acc_t(1) : acc_t(0);
+  acc_t c = coord > acc_t(0) ? coord : acc_t(0);
+  c = c < top ? c : top;
+  lo = static_cast<int>(c);  // c >= 0: truncation is floor
+  w = c - static_cast<acc_t>(lo);
+  step = lo + 1 < n ? 1 : 0;  // hi = lo + step
+}
+
+template <typename acc_t>
+inline acc_t lerp(acc_t a, acc_t b, acc_t w) {
+  return a + w * (b - a);
+}
 
 // Corner offsets and weights of one row of sample points, for a volume with the given row and
 // plane strides (in pixels). For corner (s, y) the offset is base[s*2+y][x]; x1 = x0 + dx[x].

@@ -4,6 +4,7 @@ built library (which would crash a CPU without that ISA). The kernels' results p
 tested by the whole CPU matrix of test_warp_ops.py and test_causal_conv3d.py (tests/conftest.py)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -88,9 +89,9 @@ def test_variants_agree_with_each_other(cpu_isa):
     torch.testing.assert_close(out, base, rtol=0, atol=2e-6)
 
 
-def _functions_with_vector_code(lib: str) -> dict[str, set[str]]:
-    """{function: registers} of every function in the library that uses ymm/zmm registers or VEX/EVEX
-    encoded instructions (objdump's mnemonics start with v)."""
+@functools.lru_cache(maxsize=1)
+def _mnemonics(lib: str) -> dict[str, frozenset[str]]:
+    """{function: the instruction mnemonics it uses} of the library, from objdump."""
     dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", lib], capture_output=True, text=True,
                          check=True).stdout
     found: dict[str, set[str]] = {}
@@ -102,18 +103,38 @@ def _functions_with_vector_code(lib: str) -> dict[str, set[str]]:
             name = m.group(1)
             continue
         parts = line.split("\t")
-        if name and len(parts) >= 2 and re.match(r"\s*v[a-z]", parts[1]):
+        if name and len(parts) >= 2 and parts[1].strip():
             found.setdefault(name, set()).add(parts[1].split()[0])
-    return found
+    return {f: frozenset(m) for f, m in found.items()}
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+
+
+@needs_objdump
 def test_no_isa_specific_code_outside_the_per_isa_kernels():
     from decovae_fast import _C
 
     if _C.build_march() != "x86-64-v2":
         pytest.skip(f"built with -march={_C.build_march()}: the baseline itself may use AVX")
-    found = _functions_with_vector_code(_C.__file__)
+    # VEX/EVEX encoded instructions: objdump's mnemonics start with v
+    found = {f: {m for m in ms if m.startswith("v")} for f, ms in _mnemonics(_C.__file__).items()}
+    found = {f: ms for f, ms in found.items() if ms}
     assert any("avx512::" in f for f in found) and any("avx2::" in f for f in found), "no per-ISA kernels found"
     leaks = {f: sorted(m)[:5] for f, m in found.items() if "::avx2::" not in f and "::avx512::" not in f}
     assert not leaks, f"AVX code outside the per-ISA kernels (would crash CPUs without it): {leaks}"
+
+
+@needs_objdump
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_simd_warp_rows_prefetch(isa):
+    # GCC deletes calls to a function that only prefetches unless it inlined it first: the
+    # prefetches of the next rows must be in every SIMD forward_row (they are worth up to 2x)
+    from decovae_fast import _C
+
+    # the row functions themselves: not their lambdas, PLT stubs or split-off cold parts
+    rows = {f: ms for f, ms in _mnemonics(_C.__file__).items()
+            if f"::{isa}::warp::forward_row<" in f and "{lambda" not in f and f.endswith("bool)")}
+    assert rows, f"no {isa} forward_row in the library"
+    missing = [f.split("(")[0] for f, ms in rows.items() if not any(m.startswith("prefetch") for m in ms)]
+    assert not missing, f"forward_row without prefetches: {missing}"
