@@ -8,7 +8,7 @@ export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/
 # no GPU visible: compile the CUDA kernels for Hopper (the setup.py default adds Ampere too)
 export TORCH_CUDA_ARCH_LIST ?= $(shell nvidia-smi >/dev/null 2>&1 || echo 9.0)
 
-.PHONY: setup build run test bench wheel-check clean
+.PHONY: setup build run test bench wheel-check arm-check clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ bench: setup
 # a wheel in a fresh venv, run from outside the source tree with every CPU kernel variant forced
 wheel-check: setup
 	PYTHON=$(abspath $(PY)) scripts/wheel_check.sh
+
+# every C++ source compiled for aarch64 (Debian's cross g++; compile only: no ARM libtorch or CPU here)
+arm-check: setup
+	PYTHON=$(abspath $(PY)) scripts/arm_check.sh
 
 clean:
 	rm -rf build $(VENV) decovae_fast/_C*.so *.egg-info

@@ -11,6 +11,9 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
+// GCC notes that 32-byte vectors (warp_backward.h) would be passed differently with and without
+// AVX; they never cross a function boundary (the helpers are inlined into the kernels).
+#pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
 #include <torch/extension.h>
@@ -59,10 +62,9 @@ struct Kernels {
   // out = frames -/+ sample(volume, motion) (add false/true); contiguous inputs, out preallocated.
   void (*warp_forward)(const at::Tensor& volume, const at::Tensor& motion, const at::Tensor& frames, at::Tensor& out,
                        bool add);
-  // Scatters into `chunks` partial volume gradients (opmath dtype, or none) and writes grad_motion
-  // (or not, when undefined).
+  // Writes grad_volume and grad_motion (each only if defined; contiguous, preallocated).
   void (*warp_backward)(const at::Tensor& grad, const at::Tensor& volume, const at::Tensor& motion,
-                        const at::Tensor& grad_volume_parts, int64_t chunks, at::Tensor& grad_motion);
+                        at::Tensor& grad_volume, at::Tensor& grad_motion);
   void (*gaussian_volume)(const at::Tensor& x0, at::Tensor& out, int64_t levels, double sigma0);
   void (*gaussian_volume_backward)(const at::Tensor& grad, at::Tensor& grad_x, int64_t levels, double sigma0);
   // The 3x3 Winograd path (when conv3d::winograd_applies) or the implicit GEMM; y preallocated.

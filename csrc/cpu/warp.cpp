@@ -83,6 +83,19 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// Bytes the backward's partial volume gradients may take in all: DECOVAE_WARP_GRAD_MIB MiB
+// (default 1024). Each is a whole packed volume (199 MB at 1080p with L = 5, fp32), so one per
+// thread would grow with the host (13 GB on 64 threads); past the budget fewer chunks, and so fewer
+// threads, scatter. One chunk is always allowed.
+int64_t grad_parts_budget() {
+  const char* env = std::getenv("DECOVAE_WARP_GRAD_MIB");
+  if (!env || !*env) return int64_t(1024) << 20;
+  char* end = nullptr;
+  const long long mib = std::strtoll(env, &end, 10);
+  TORCH_CHECK(end && *end == 0 && mib >= 0, "DECOVAE_WARP_GRAD_MIB must be a whole number of MiB, got '", env, "'");
+  return static_cast<int64_t>(mib) << 20;
+}
+
 namespace {
 
 // ---- the ops ------------------------------------------------------------------------------------
@@ -141,66 +154,23 @@ at::Tensor warp_add_cpu(const at::Tensor& volume, const at::Tensor& motion, cons
   return warp_forward<true>(volume, motion, residual, "residual");
 }
 
-// grad_volume = sum of the partial gradients, in chunk order.
-template <typename scalar_t>
-void reduce_parts(const at::opmath_type<scalar_t>* parts, int64_t chunks, int64_t n, scalar_t* out) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      at::opmath_type<scalar_t> s = parts[i];
-      for (int64_t k = 1; k < chunks; ++k) s += parts[k * n + i];
-      out[i] = static_cast<scalar_t>(s);
-    }
-  });
-}
-
-// Bytes the backward's partial volume gradients may take in all: DECOVAE_WARP_GRAD_MIB MiB
-// (default 1024). Each is a whole fp32 volume (149 MB at 1080p with L = 5), so one per thread
-// would grow with the host (9.5 GB on 64 threads); past the budget fewer chunks, and so fewer
-// threads, scatter. One chunk is always allowed.
-int64_t grad_parts_budget() {
-  const char* env = std::getenv("DECOVAE_WARP_GRAD_MIB");
-  if (!env || !*env) return int64_t(1024) << 20;
-  char* end = nullptr;
-  const long long mib = std::strtoll(env, &end, 10);
-  TORCH_CHECK(end && *end == 0 && mib >= 0, "DECOVAE_WARP_GRAD_MIB must be a whole number of MiB, got '", env, "'");
-  return static_cast<int64_t>(mib) << 20;
-}
-
 std::tuple<at::Tensor, at::Tensor> warp_sample_backward_cpu(const at::Tensor& grad_prediction,
                                                             const at::Tensor& volume_in, const at::Tensor& motion_in,
                                                             bool volume_grad, bool motion_grad) {
-  const Dims d = check_warp_args(volume_in, motion_in, grad_prediction, "grad_prediction");
+  check_warp_args(volume_in, motion_in, grad_prediction, "grad_prediction");
   const at::Tensor volume = volume_in.contiguous();
   const at::Tensor grad = grad_prediction.contiguous();
   const at::Tensor motion = motion_operand(motion_in, volume);
   const auto contig = at::MemoryFormat::Contiguous;
-  const int64_t rows = d.B * d.T * d.H;
   const bool empty = grad.numel() == 0;
   // Gradients not asked for are returned as zeros (the schema always returns two tensors).
   at::Tensor grad_volume = (volume_grad && !empty) ? at::empty(volume.sizes(), volume.options().memory_format(contig))
                                                    : at::zeros(volume.sizes(), volume.options().memory_format(contig));
   at::Tensor grad_motion = (motion_grad && !empty) ? at::empty(motion.sizes(), motion.options().memory_format(contig))
                                                    : at::zeros(motion.sizes(), motion.options().memory_format(contig));
-  if (empty || !(volume_grad || motion_grad)) {
-    return {grad_volume, grad_motion.to(motion_in.scalar_type())};
-  }
-  // One chunk of rows per thread (each with its own partial volume gradient, summed in a fixed
-  // order), as far as the partial gradients fit the budget.
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
-  const auto acc_type = volume.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor parts;
-  if (volume_grad) {
-    const int64_t part_bytes = volume.numel() * static_cast<int64_t>(c10::elementSize(acc_type));
-    chunks = std::max<int64_t>(1, std::min(chunks, grad_parts_budget() / part_bytes));
-    parts = at::zeros({chunks, volume.numel()}, volume.options().dtype(acc_type));
-  }
-  at::Tensor no_motion_grad;
-  kernels().warp_backward(grad, volume, motion, parts, chunks, motion_grad ? grad_motion : no_motion_grad);
-  if (volume_grad) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "warp_reduce_parts", [&] {
-      reduce_parts<scalar_t>(parts.const_data_ptr<at::opmath_type<scalar_t>>(), chunks, volume.numel(),
-                             grad_volume.mutable_data_ptr<scalar_t>());
-    });
+  if (!empty && (volume_grad || motion_grad)) {
+    at::Tensor none;
+    kernels().warp_backward(grad, volume, motion, volume_grad ? grad_volume : none, motion_grad ? grad_motion : none);
   }
   return {grad_volume, grad_motion.to(motion_in.scalar_type())};
 }

@@ -54,4 +54,7 @@ BufferPool& pool();
 // says 320 MiB on the dev VM, whose L3 is 32 MiB.
 int64_t last_level_cache_bytes();
 
+// Bytes the backward's partial volume gradients may take in all (warp.cpp).
+int64_t grad_parts_budget();
+
 }  // namespace decovae::cpu::warp

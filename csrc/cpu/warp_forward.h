@@ -16,10 +16,6 @@ namespace decovae::cpu::DECOVAE_ISA::warp {
 
 typedef float v4f __attribute__((vector_size(16)));  // GCC/Clang vector extension, any ISA
 
-// Rows are visited in (y, t) order, so consecutive rows are a plane apart and the hardware
-// prefetchers miss them: each row prefetches the inputs and output lines of the row kRowsAhead
-// later into L2 (two rows ahead into L2 measured 2-8% faster than one row ahead into L1).
-constexpr int64_t kRowsAhead = 2;
 
 // What a row prefetches: the inputs and output of row + kRowsAhead (frames == nullptr: none) and,
 // on the last frame of an image row, the volume row the ring packs next.
@@ -32,10 +28,6 @@ struct NextRow {
   const scalar_t* pack;  // channel 0, level 0 of the volume row the ring packs next (nullptr: none)
 };
 
-// always_inline, as prefetch_next below: GCC takes a function that only prefetches for one without
-// side effects and deletes the calls to it unless it was inlined first (measured: a non-inlined
-// prefetch_next left no prefetch in the library, and the SIMD forward ran ~2x slower).
-__attribute__((always_inline)) inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 #if DECOVAE_ISA_LEVEL >= 2
 // ---- AVX-512: 16 values of a tensor dtype as fp32 (lanes outside k read as 0), and back with the
