@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decovae_fast.cli.flags import device_and_dtype, load_model, model_flags, progress, video_flags
+from decovae_fast.cli.flags import (device_and_dtype, load_model, model_flags, output_video_flags, progress,
+                                    video_flags)
 from decovae_fast.errors import UserError
 from decovae_fast.io.outputs import atomic_output, check_writable
 
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("input", metavar="IN", help="input video")
     p.add_argument("-o", "--output", required=True, metavar="OUT.mp4", help="reconstructed video")
     p.add_argument("--report", metavar="R.json", help="write a JSON report and a PNG next to it")
-    p.add_argument("--crf", type=int, default=10, help="H.264 quality of the output (0: lossless 4:4:4; default 10)")
+    output_video_flags(p)
     video_flags(p)
     model_flags(p)
     p.set_defaults(run=run_reconstruct)
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("decode", help="decode a latent file into a video")
     p.add_argument("input", metavar="LAT", help="latent file written by `decovae encode`")
     p.add_argument("-o", "--output", required=True, metavar="OUT.mp4", help="decoded video")
-    p.add_argument("--crf", type=int, default=10, help="H.264 quality of the output (0: lossless 4:4:4; default 10)")
+    output_video_flags(p)
     model_flags(p)
     p.set_defaults(run=run_decode)
 
@@ -138,7 +139,13 @@ def run_reconstruct(args) -> int:
 
         read_clock, enc_clock, dec_clock = Clock(), Clock(), Clock()
         chunks = read_clock.wrap(frame_chunks(reader, chunk, device, dtype, tap))
-        pieces = record(enc_clock.wrap(model.encode_stream(chunks)))
+        first_gop = []  # the encoder's own decomposition of the first GOP, for the report's figure
+
+        def on_gop(parts):
+            if not first_gop:
+                first_gop.append(parts)
+
+        pieces = record(enc_clock.wrap(model.encode_stream(chunks, on_gop=on_gop if args.report else None)))
         bar = progress(args, reader.frames_hint, "reconstruct")
         for out in dec_clock.wrap(model.decode_stream(pieces, args.chunk_frames)):
             recon = tensor_to_frames(out)
@@ -162,7 +169,7 @@ def run_reconstruct(args) -> int:
                 backend=_forced_backend(), op_backends=op_backends(device),
                 model_type=model.config.model_type, config_hash=model.config_hash(), device=str(device),
                 dtype=args.dtype, chunk_frames=args.chunk_frames)
-            panels = figure_panels(model, first_orig, first_recon, keyframes, device, dtype)
+            panels = figure_panels(first_orig, first_recon, keyframes, first_gop[0] if first_gop else None)
     if args.report:
         png = report.write(args.report, result, panels)
     if not args.quiet:
@@ -178,10 +185,11 @@ def _forced_backend() -> str:
     return ops.forced_backend() or "auto"
 
 
-def figure_panels(model, first_orig, first_recon, keyframes, device, dtype) -> dict:
+def figure_panels(first_orig, first_recon, keyframes, gop) -> dict:
     """The report figure's images for the last frame of the first GOP (furthest from its keyframe,
-    so the most motion): keyframe, motion [u, v, s] and residual from model.decompose (DeCoVAE only),
-    reconstruction and original. Arrays (3, H, W) in [-1, 1] units."""
+    so the most motion): reconstruction and original and, from the encoder's decomposition of that
+    GOP (DeCoVAE's on_gop; None for a plain VAE), keyframe, motion [u, v, s] and residual. Arrays
+    (3, H, W) in [-1, 1] units."""
     from decovae_fast.io.video import frames_to_tensor
 
     gop_end = keyframes[1] if len(keyframes) > 1 else len(first_orig)
@@ -191,13 +199,13 @@ def figure_panels(model, first_orig, first_recon, keyframes, device, dtype) -> d
         return frames_to_tensor(arr[None])[0, :, 0].numpy()
 
     panels = {"frame": frame, "original": chw(first_orig[frame]), "reconstruction": chw(first_recon[frame])}
-    if hasattr(model, "decompose"):
-        parts = model.decompose(frames_to_tensor(np.stack(first_orig[:frame + 1]), device, dtype))
-        g = max(i for i, k in enumerate(parts["keyframe_index"]) if k <= frame)
-        panels["keyframe_index"] = parts["keyframe_index"][g]
-        panels["keyframe"] = parts["keyframes"][0, :, g].float().cpu().numpy()
-        panels["motion"] = parts["motion"][0, :, frame].float().cpu().numpy()
-        panels["residual"] = parts["residual"][0, :, frame].float().cpu().numpy()
+    if gop is not None:
+        panels["keyframe_index"] = gop["start"]
+        panels["keyframe"] = gop["keyframe"][0, :, 0].float().cpu().numpy()
+        inner = frame - gop["start"] - 1  # the keyframe itself has no motion and no residual
+        shape = gop["keyframe"].shape[1:2] + gop["keyframe"].shape[3:]
+        panels["motion"] = gop["motion"][0, :, inner].float().cpu().numpy() if inner >= 0 else np.zeros(shape, np.float32)
+        panels["residual"] = gop["residual"][0, :, inner].float().cpu().numpy() if inner >= 0 else np.zeros(shape, np.float32)
     return panels
 
 

@@ -25,6 +25,10 @@ def video_flags(p) -> None:
     p.add_argument("--frames", type=int, metavar="N", help="use at most the first N frames")
 
 
+def output_video_flags(p) -> None:
+    p.add_argument("--crf", type=int, default=10, help="H.264 quality of the output (0: lossless 4:4:4; default 10)")
+
+
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
     """The device and compute dtype that --device and --dtype name (model_flags)."""
     device = resolve_device(args.device)

@@ -45,6 +45,32 @@ def check_chunk(chunk, size):
     return this
 
 
+class FrameGroups:
+    """Inner frames buffered into whole temporal groups of `size` (the causal encoders take 4 frames
+    per latent step): push() returns what whole groups are ready, flush() the rest padded to a
+    group by repeating its last frame. Several tensors (dim 2 is time) travel together."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.pending: tuple | None = None
+
+    def push(self, *xs: torch.Tensor) -> tuple | None:
+        if self.pending is not None:
+            xs = tuple(torch.cat([p, x], 2) for p, x in zip(self.pending, xs))
+        n = xs[0].shape[2]
+        full = n // self.size * self.size
+        self.pending = tuple(x[:, :, full:] for x in xs) if full < n else None
+        return tuple(x[:, :, :full] for x in xs) if full else None
+
+    def flush(self) -> tuple | None:
+        if self.pending is None:
+            return None
+        pad = self.size - self.pending[0].shape[2]
+        out = tuple(torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2) for x in self.pending)
+        self.pending = None
+        return out
+
+
 def split_gops(latent: DeCoLatent) -> list[tuple[int, DiagonalGaussian | None, ...]]:
     """[(frames, keyframe_moments_slice, motion_slice, residual_slice)] per GOP (Gaussians' means/logvars
     sliced; parts a model lacks are None)."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from decovae_fast import ops
 from decovae_fast._memory import release_freed_memory
-from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_chunk, check_video, split_gops
+from decovae_fast.models.base import FrameGroups, VAEOutput, VideoVAEBase, check_chunk, check_video, split_gops
 from decovae_fast.models.config import DeCoVAEConfig
 from decovae_fast.models.decoder import DecoderTrunk
 from decovae_fast.models.encoders import keyframe_encoder, motion_encoder, residual_encoder
@@ -37,7 +37,7 @@ class _Gop:
     tiles: list | None = None       # the frame's tiles (enable_tiling), or None
     n: int = 1                      # frames so far, keyframe included
     caches: dict = field(default_factory=dict)   # {(encoder name, tile index): StreamCache}
-    pending: list = field(default_factory=list)  # [(motion, residual)] not yet encoded (< 4 frames)
+    groups: FrameGroups = field(default_factory=FrameGroups)  # (motion, residual) not yet encoded
     motion_moments: list = field(default_factory=list)
     residual_moments: list = field(default_factory=list)
     targets: list = field(default_factory=list)  # [(motion, residual)] of every inner frame, if kept
@@ -125,22 +125,14 @@ class DeCoVAE(VideoVAEBase):
             gop.targets.append((motion, residual))
         if not encode or motion.shape[2] == 0:
             return
-        gop.pending.append((motion, residual))
-        m = torch.cat([p[0] for p in gop.pending], 2)
-        r = torch.cat([p[1] for p in gop.pending], 2)
-        full = m.shape[2] // 4 * 4
-        if full:
-            self._encode_inner(gop, m[:, :, :full], r[:, :, :full], tiles)
-        gop.pending = [(m[:, :, full:], r[:, :, full:])] if full < m.shape[2] else []
+        ready = gop.groups.push(motion, residual)
+        if ready:
+            self._encode_inner(gop, *ready, tiles)
 
     def _finish(self, gop: _Gop, H, W, encode: bool):
-        if encode and gop.pending:  # pad the inner frames to a multiple of 4 by repeating the last one
-            m, r = gop.pending[0]
-            pad = 4 - m.shape[2]
-            m = torch.cat([m, m[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
-            r = torch.cat([r, r[:, :, -1:].expand(-1, -1, pad, -1, -1)], 2)
-            self._encode_inner(gop, m, r, gop.tiles)
-        gop.pending = []
+        rest = gop.groups.flush()  # the last inner frames, padded to a whole group
+        if encode and rest:
+            self._encode_inner(gop, *rest, gop.tiles)
         if not encode:
             return None
         B, _, _, h, w = gop.kf_moments.shape
@@ -197,11 +189,24 @@ class DeCoVAE(VideoVAEBase):
             raise ValueError("no frames to encode")
         yield self._finish(gop, H, W, encode), gop
 
-    def encode_stream(self, chunks):
-        """Yield one DeCoLatent piece per finished GOP from an iterable of (B, 3, t, H, W) chunks."""
-        for piece, _ in self._gops(chunks):
+    def encode_stream(self, chunks, on_gop=None):
+        """Yield one DeCoLatent piece per finished GOP from an iterable of (B, 3, t, H, W) chunks.
+
+        on_gop, if given, is called with each GOP's decomposition as the encoder computed it, before
+        its piece is yielded: {"start", "keyframe" (B,3,1,H,W), "motion" (B,3,n-1,H,W), "residual"}
+        (the inner frames; one GOP is held at a time)."""
+        for piece, gop in self._gops(chunks, keep=on_gop is not None):
+            if on_gop is not None:
+                on_gop(self._gop_parts(gop, piece.height, piece.width))
             release_freed_memory()
             yield piece
+
+    @staticmethod
+    def _gop_parts(gop: _Gop, H: int, W: int) -> dict:
+        kf = gop.keyframe[..., :H, :W]
+        motion = [kf.new_zeros(kf.shape[0], 3, 0, H, W, dtype=torch.float32)] + [m[..., :H, :W] for m, _ in gop.targets]
+        residual = [kf[:, :, :0]] + [r[..., :H, :W] for _, r in gop.targets]
+        return {"start": gop.start, "keyframe": kf, "motion": torch.cat(motion, 2), "residual": torch.cat(residual, 2)}
 
     # --- decode side -----------------------------------------------------------------------------
     def _check_latent(self, latent: DeCoLatent) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from decovae_fast._memory import release_freed_memory
-from decovae_fast.models.base import VAEOutput, VideoVAEBase, check_chunk, check_video, split_gops
+from decovae_fast.models.base import FrameGroups, VAEOutput, VideoVAEBase, check_chunk, check_video, split_gops
 from decovae_fast.models.config import PlainVAEConfig
 from decovae_fast.models.decoder import DecoderTrunk
 from decovae_fast.models.encoders import Encoder
@@ -55,8 +55,9 @@ class PlainCausalVAE(VideoVAEBase):
 
         return self._tiled(enc, [(x, 1)], 8, tiles)
 
-    def encode_stream(self, chunks):
-        """Yield one DeCoLatent piece per segment from an iterable of (B, 3, t, H, W) chunks."""
+    def encode_stream(self, chunks, on_gop=None):
+        """Yield one DeCoLatent piece per segment from an iterable of (B, 3, t, H, W) chunks.
+        on_gop is DeCoVAE's hook for the decomposition; a plain VAE has none and never calls it."""
         seg, size = None, None
         for chunk in chunks:
             size = check_chunk(chunk, size)
@@ -67,7 +68,7 @@ class PlainCausalVAE(VideoVAEBase):
                 if seg is None:
                     first = x[:, :, i:i + 1]
                     caches = {}
-                    seg = {"n": 1, "caches": caches, "tiles": tiles, "pending": [],
+                    seg = {"n": 1, "caches": caches, "tiles": tiles, "groups": FrameGroups(),
                            "first": self._encode(first.expand(-1, -1, 4, -1, -1), caches, tiles, first=True),
                            "inner": []}
                     i += 1
@@ -81,20 +82,17 @@ class PlainCausalVAE(VideoVAEBase):
                 part = x[:, :, i:i + room]
                 seg["n"] += part.shape[2]
                 i += part.shape[2]
-                buf = torch.cat(seg["pending"] + [part], 2)
-                full = buf.shape[2] // 4 * 4
-                if full:
-                    seg["inner"].append(self._encode(buf[:, :, :full], seg["caches"], tiles))
-                seg["pending"] = [buf[:, :, full:]] if full < buf.shape[2] else []
+                ready = seg["groups"].push(part)
+                if ready:
+                    seg["inner"].append(self._encode(ready[0], seg["caches"], tiles))
         if seg is None:
             raise ValueError("no frames to encode")
         yield self._finish(seg, size)
 
     def _finish(self, seg, size):
-        if seg["pending"]:
-            buf = seg["pending"][0]
-            buf = torch.cat([buf, buf[:, :, -1:].expand(-1, -1, 4 - buf.shape[2], -1, -1)], 2)
-            seg["inner"].append(self._encode(buf, seg["caches"], seg["tiles"]))
+        rest = seg["groups"].flush()  # the last inner frames, padded to a whole group
+        if rest:
+            seg["inner"].append(self._encode(rest[0], seg["caches"], seg["tiles"]))
         first = seg["first"]
         inner = torch.cat([first[:, :, :0]] + seg["inner"], 2)
         B, H, W = size

@@ -121,7 +121,7 @@ class IdentityVAE:
     def _piece(self, x):
         return SimpleNamespace(frames=x.shape[2], gop_starts=[0], video=x, numel=lambda: x[0].numel())
 
-    def encode_stream(self, chunks):
+    def encode_stream(self, chunks, on_gop=None):
         buf = None
         for chunk in chunks:
             buf = chunk if buf is None else torch.cat([buf, chunk], 2)

@@ -212,6 +212,26 @@ def test_decompose_shapes_and_zero_motion(model, monkeypatch):
         assert torch.allclose(parts["prediction"][:, :, t], kf, atol=1e-6), t
 
 
+def test_encode_stream_hands_out_the_decomposition_it_computed(model):
+    """on_gop gets each GOP's keyframe, motion and residual as the encoder computed them (the
+    reconstruct report's figure uses it instead of decomposing again): equal to decompose(), and
+    the latent is unchanged by asking."""
+    x = smooth_video(12, 17, 22, B=2)
+    gops = []
+    with torch.no_grad():
+        pieces = list(model.encode_stream(x.split(5, dim=2), on_gop=gops.append))
+        plain = list(model.encode_stream(x.split(5, dim=2)))
+    assert all(torch.equal(a.keyframe.mean, b.keyframe.mean) and torch.equal(a.residual.mean, b.residual.mean)
+               for a, b in zip(pieces, plain))
+    parts = model.decompose(x)
+    assert [g["start"] for g in gops] == parts["keyframe_index"] == [0, 9]
+    for i, (g, (start, end)) in enumerate(zip(gops, [(0, 9), (9, 12)])):
+        assert torch.equal(g["keyframe"], parts["keyframes"][:, :, i:i + 1])
+        assert g["motion"].shape == (2, 3, end - start - 1, 17, 22)
+        assert torch.allclose(g["motion"], parts["motion"][:, :, start + 1:end], atol=1e-6)
+        assert torch.allclose(g["residual"], parts["residual"][:, :, start + 1:end], atol=1e-6)
+
+
 def test_motion_estimator_contract():
     m = MotionEstimator((8, 8, 8), levels=5)
     x = smooth_video(3, 19, 23)
