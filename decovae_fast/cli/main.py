@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "encode": "decovae_fast.cli.codec",
     "decode": "decovae_fast.cli.codec",
     "encode-dataset": "decovae_fast.cli.encode_dataset",
+    "latent-stats": "decovae_fast.cli.latent_stats",
     "train": "decovae_fast.cli.train",
     "diagnose": "decovae_fast.cli.diagnose",
     "bench": "decovae_fast.cli.bench",

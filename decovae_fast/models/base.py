@@ -135,10 +135,36 @@ class VideoVAEBase(nn.Module):
         return pretrained.load_into(cls, directory)
 
     # --- entry points ----------------------------------------------------------------------------
-    def encode(self, video: torch.Tensor, chunk_frames: int | None = None) -> DeCoLatent:
+    def encode(self, video: torch.Tensor, chunk_frames: int | None = None, fixed_gops: bool = False) -> DeCoLatent:
+        """fixed_gops: a GOP every keyframe_interval frames, no adaptive cut (what pack() needs)."""
         check_video(video)
         chunks = [video] if chunk_frames is None else video.split(_positive(chunk_frames), dim=2)
-        return DeCoLatent.concat(list(self.encode_stream(chunks)))
+        return DeCoLatent.concat(list(self.encode_stream(chunks, fixed_gops=fixed_gops)))
+
+    def pack_layout(self):
+        return self.config.pack_layout()
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        if c.latents_mean is None:
+            raise ValueError("this model's config has no latents_mean / latents_std (`decovae latent-stats` "
+                             "computes them)")
+        if like.dim() != 5 or like.shape[1] != len(c.latents_mean):
+            raise ValueError(f"expected a packed latent (B, {len(c.latents_mean)}, G, h, w), got {tuple(like.shape)}")
+
+        def per_channel(v):
+            return torch.tensor(v, dtype=torch.float32, device=like.device).view(1, -1, 1, 1, 1)
+        return per_channel(c.latents_mean), per_channel(c.latents_std)
+
+    def normalize(self, packed: torch.Tensor) -> torch.Tensor:
+        """(packed - latents_mean) / latents_std per channel, in fp32 (a short last GOP's padding
+        is normalised too: layout.valid(T) says which entries are latent values)."""
+        mean, std = self._latent_stats(packed)
+        return (packed.float() - mean) / std
+
+    def denormalize(self, normalized: torch.Tensor) -> torch.Tensor:
+        mean, std = self._latent_stats(normalized)
+        return normalized.float() * std + mean
 
     def decode(self, latent: DeCoLatent, chunk_frames: int | None = None) -> torch.Tensor:
         return torch.cat(list(self.decode_stream(latent, chunk_frames)), dim=2)

@@ -50,9 +50,23 @@ class _ConfigMixin:
     def to_json(self) -> str:
         return json.dumps({"model_type": self.model_type, **self.to_dict()}, indent=2, sort_keys=True)
 
+    # fields that do not change what a latent decodes to: latent files made before they existed
+    # stay decodable (the hash is checked at decode)
+    _NOT_HASHED = ("min_gop_frames", "latents_mean", "latents_std")
+
+    def _check_latent_stats(self) -> None:
+        mean, std = self.latents_mean, self.latents_std
+        if (mean is None) != (std is None):
+            raise ValueError("latents_mean and latents_std come together")
+        if mean is not None:
+            n = self.pack_layout().channels
+            if len(mean) != n or len(std) != n or min(std) <= 0:
+                raise ValueError(f"latents_mean and latents_std need {n} values (the packed channels), std > 0")
+
     def config_hash(self) -> str:
         """Short stable hex digest of the config (latent files carry it)."""
-        blob = json.dumps({"model_type": self.model_type, **self.to_dict()}, sort_keys=True)
+        fields = {k: v for k, v in self.to_dict().items() if k not in self._NOT_HASHED}
+        blob = json.dumps({"model_type": self.model_type, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -66,6 +80,10 @@ class DeCoVAEConfig(_ConfigMixin):
     # GOPs
     keyframe_interval: int = 17
     scene_cut_threshold: float | None = 0.08  # mean squared warp residual in [-1,1] units; None: off
+    # a scene cut starts a new GOP only once the current one has this many frames (min_gop());
+    # None: the fewest that keep any video's latent within the size of a 16-channel latent at 4x
+    # time and 8x8 space (7 for tiny; docs/latent_format.md)
+    min_gop_frames: int | None = None
     # scale-space warp
     volume_levels: int = 5
     volume_sigma0: float = 1.0
@@ -91,12 +109,19 @@ class DeCoVAEConfig(_ConfigMixin):
     # 4x8x8 RGB patches of the residual. The learned paths start at zero and learn the correction
     # to the linear floor (issue 18). False: the first bundled weights' architecture.
     linear_paths: bool = False
+    # per-channel statistics of the packed latent (pack_layout().channels values each; `decovae
+    # latent-stats`), used by normalize / denormalize as diffusers' Wan VAE uses its own
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
 
     model_type = "decovae"
 
     def __post_init__(self):
         _tuples(self)
         self._check_gop_and_tiles()
+        self._check_latent_stats()
+        if self.min_gop_frames is not None and self.min_gop_frames < 1:
+            raise ValueError(f"min_gop_frames must be >= 1, got {self.min_gop_frames}")
         if self.motion_source not in ("learned", "dis_fast", "dis_medium"):
             raise ValueError(f"motion_source must be 'learned', 'dis_fast' or 'dis_medium', got {self.motion_source!r}")
         for name in ("keyframe_channels", "motion_channels", "residual_channels"):
@@ -119,6 +144,30 @@ class DeCoVAEConfig(_ConfigMixin):
     def spatial_factor(self) -> int:
         """H and W are padded to a multiple of this (the motion latent's 16x)."""
         return 16
+
+    def gop_cell_elements(self, n: int) -> int:
+        """Latent elements of a GOP of n frames per 16x16 pixels."""
+        return 4 * self.keyframe_channels + math.ceil((n - 1) / 4) * (self.motion_channels + 4 * self.residual_channels)
+
+    def min_gop(self) -> int:
+        """Frames a GOP reaches before an adaptive cut may start the next one: min_gop_frames, or
+        the fewest m such that every GOP of m to keyframe_interval frames costs at most the 16
+        elements per frame and 16x16 pixels of a 16-channel 4x8x8 latent (with the short last GOP
+        paid for by that latent's separate first frame; tests/models/test_packing.py checks the
+        whole-video bound for every T up to 200)."""
+        if self.min_gop_frames is not None:
+            return self.min_gop_frames
+        n_max = self.keyframe_interval
+        for m in range(1, n_max + 1):
+            if all(self.gop_cell_elements(n) <= 16 * n for n in range(m, n_max + 1)):
+                return m
+        return n_max
+
+    def pack_layout(self):
+        """The packed latent's layout (DeCoLatent.pack). (Imported here: configs import no torch.)"""
+        from decovae_fast.models.latent import PackLayout
+        return PackLayout(self.keyframe_interval, self.keyframe_channels, self.motion_channels,
+                          self.residual_channels, cell=16)
 
     def latent_elements(self, frames: int, height: int, width: int) -> int:
         """Latent elements (per batch item) of a video cut only at the keyframe interval."""
@@ -148,12 +197,16 @@ class PlainVAEConfig(_ConfigMixin):
     # linear 8x8 patch codes beside the encoder head and decoder output, one for the first frame
     # and one for each group of 4 frames (PatchLinear): the counterpart of DeCoVAE's linear_paths
     linear_path: bool = False
+    # per-channel statistics of the packed latent (as DeCoVAEConfig's)
+    latents_mean: tuple | None = None
+    latents_std: tuple | None = None
 
     model_type = "plain"
 
     def __post_init__(self):
         _tuples(self)
         self._check_gop_and_tiles()
+        self._check_latent_stats()
 
     @classmethod
     def matching(cls, deco: DeCoVAEConfig) -> "PlainVAEConfig":
@@ -171,6 +224,12 @@ class PlainVAEConfig(_ConfigMixin):
     @property
     def spatial_factor(self) -> int:
         return 8
+
+    def pack_layout(self):
+        """The packed latent's layout (DeCoLatent.pack): no motion part, cells of 8 pixels.
+        (Imported here: configs import no torch.)"""
+        from decovae_fast.models.latent import PackLayout
+        return PackLayout(self.keyframe_interval, self.latent_channels, 0, self.latent_channels, cell=8)
 
     def latent_elements(self, frames: int, height: int, width: int) -> int:
         h, w = math.ceil(height / 8), math.ceil(width / 8)

@@ -144,18 +144,21 @@ class DeCoVAE(VideoVAEBase):
                           DiagonalGaussian.from_moments(rm), [0], gop.n, H, W,
                           info={"config_hash": self.config_hash()})
 
-    def _first_cut(self, residual, H, W):
-        """Index of the first frame whose warp fails (any batch item), or None."""
+    def _first_cut(self, residual, H, W, gop_frames: int):
+        """Index of the first frame whose warp fails (any batch item) where a new GOP may start, or
+        None. The GOP so far has gop_frames frames; it must reach config.min_gop() first."""
         thr = self.config.scene_cut_threshold
         if thr is None or residual.shape[2] == 0:
             return None
         with torch.no_grad():
             energy = residual[..., :H, :W].float().pow(2).mean(dim=(1, 3, 4)).amax(0)
+            energy[:max(0, self.config.min_gop() - gop_frames)] = 0  # too early for a keyframe
             over = (energy > thr).nonzero()
         return int(over[0]) if len(over) else None
 
-    def _gops(self, chunks, encode: bool = True, keep: bool = False):
-        """Yield (piece or None, gop) for every GOP of the chunk stream."""
+    def _gops(self, chunks, encode: bool = True, keep: bool = False, fixed_gops: bool = False):
+        """Yield (piece or None, gop) for every GOP of the chunk stream; fixed_gops: a GOP every
+        keyframe_interval frames, no adaptive cut."""
         gop, seen, size = None, 0, None
         for chunk in chunks:
             size = check_chunk(chunk, size)
@@ -176,7 +179,7 @@ class DeCoVAE(VideoVAEBase):
                 seg = x[:, :, i:i + room]
                 motion = self._estimate_motion(seg, gop.keyframe, tiles)
                 residual = ops.warp_residual(gop.volume, motion, seg)
-                cut = self._first_cut(residual, H, W)
+                cut = None if fixed_gops else self._first_cut(residual, H, W, gop.n)
                 if cut is not None:
                     motion, residual = motion[:, :, :cut], residual[:, :, :cut]
                 self._push(gop, motion, residual, tiles, encode, keep)
@@ -189,13 +192,14 @@ class DeCoVAE(VideoVAEBase):
             raise ValueError("no frames to encode")
         yield self._finish(gop, H, W, encode), gop
 
-    def encode_stream(self, chunks, on_gop=None):
+    def encode_stream(self, chunks, on_gop=None, fixed_gops: bool = False):
         """Yield one DeCoLatent piece per finished GOP from an iterable of (B, 3, t, H, W) chunks.
+        fixed_gops: a GOP every keyframe_interval frames (no adaptive cut), as pack() needs.
 
         on_gop, if given, is called with each GOP's decomposition as the encoder computed it, before
         its piece is yielded: {"start", "keyframe" (B,3,1,H,W), "motion" (B,3,n-1,H,W), "residual"}
         (the inner frames; one GOP is held at a time)."""
-        for piece, gop in self._gops(chunks, keep=on_gop is not None):
+        for piece, gop in self._gops(chunks, keep=on_gop is not None, fixed_gops=fixed_gops):
             if on_gop is not None:
                 on_gop(self._gop_parts(gop, piece.height, piece.width))
             release_freed_memory()

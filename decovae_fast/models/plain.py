@@ -55,9 +55,10 @@ class PlainCausalVAE(VideoVAEBase):
 
         return self._tiled(enc, [(x, 1)], 8, tiles)
 
-    def encode_stream(self, chunks, on_gop=None):
+    def encode_stream(self, chunks, on_gop=None, fixed_gops: bool = True):
         """Yield one DeCoLatent piece per segment from an iterable of (B, 3, t, H, W) chunks.
-        on_gop is DeCoVAE's hook for the decomposition; a plain VAE has none and never calls it."""
+        on_gop is DeCoVAE's hook for the decomposition; a plain VAE has none and never calls it.
+        Its segments are always fixed (fixed_gops is accepted for the common interface)."""
         seg, size = None, None
         for chunk in chunks:
             size = check_chunk(chunk, size)

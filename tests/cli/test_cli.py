@@ -342,3 +342,23 @@ def test_encode_dataset_from_list(tmp_path, make_clip, small_weights):
     assert records["missing.mp4"]["status"] == "failed" and "no such file" in records["missing.mp4"]["reason"]
     bad = decovae("encode-dataset", "--inputs", tmp_path / "nope", "--out", out, "--weights", small_weights)
     assert bad.returncode == 2 and str(tmp_path / "nope") in bad.stderr
+
+
+def test_latent_stats_writes_json_and_the_config(tmp_path, make_clip, small_weights):
+    weights = tmp_path / "w"
+    shutil.copytree(small_weights, weights)
+    a, b = make_clip(9, 32, 48), make_clip(12, 32, 48)
+    out = tmp_path / "stats.json"
+    result = decovae("latent-stats", a, b, "-o", out, "--weights", weights, "--write-config", "--quiet")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(out.read_text())
+    from decovae_fast.models import load_pretrained
+    model = load_pretrained(weights)
+    assert len(stats["latents_mean"]) == model.pack_layout().channels
+    assert list(model.config.latents_mean) == stats["latents_mean"]
+    assert list(model.config.latents_std) == stats["latents_std"] and min(stats["latents_std"]) > 0
+    assert model.config_hash() == load_pretrained(small_weights).config_hash()  # statistics do not change it
+    bad = decovae("latent-stats", a, "-o", tmp_path / "s2.json", "--write-config")
+    assert bad.returncode == 2 and "--weights" in bad.stderr and not (tmp_path / "s2.json").exists()
+    missing = decovae("latent-stats", tmp_path / "nope.mp4", "-o", tmp_path / "s3.json", "--weights", weights)
+    assert missing.returncode == 2 and "nope.mp4" in missing.stderr
