@@ -10,6 +10,13 @@
   and print the totals once.
 - Each input's result goes to OUT/manifest.jsonl (one JSON object per line, appended atomically):
   status "ok" with sizes and time, or "failed" with the reason. A failure does not stop the run.
+- With --shard-clips N: clips of --clip-frames frames every --clip-stride frames, encoded with
+  fixed GOPs and packed (optionally normalised), go into safetensors shards of N clips
+  (io/shards.py) instead of one file per video. Rank r's clips, in order, fill its shards
+  shard-r<r>-<k>; each shard is written whole, then a line in OUT/progress-r<r>.jsonl records it
+  and where the next one starts (video, clip). A run killed at any point and rerun resumes there
+  and writes the same shards, bit for bit: nothing lost, nothing twice. The next video is decoded
+  in a thread while the current one is encoded; a video's clips are encoded in batches.
 """
 from __future__ import annotations
 
@@ -32,6 +39,12 @@ def add_parser(sub) -> None:
                    help="folder of videos (recursive) or text file with one video path per line")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the latent files")
     p.add_argument("--manifest", metavar="FILE", help="JSON-lines log of results (default OUT/manifest.jsonl)")
+    p.add_argument("--shard-clips", type=int, metavar="N",
+                   help="write packed latents of clips into shards of N clips (for training a generator)")
+    p.add_argument("--clip-frames", type=int, metavar="F", help="frames per clip (default 2 GOPs)")
+    p.add_argument("--clip-stride", type=int, metavar="S", help="frames between clip starts (default F)")
+    p.add_argument("--normalize", action="store_true", help="store latents normalised (the model's latents_mean/std)")
+    p.add_argument("--batch", type=int, default=4, metavar="B", help="clips per encoder call (default 4)")
     video_flags(p)
     model_flags(p)
     p.set_defaults(run=run)
@@ -129,6 +142,8 @@ def run(args) -> int:
     dist = _process_group(device)
 
     mine = paths[rank::world]
+    if args.shard_clips is not None:
+        return run_shards(args, mine, out, manifest, rank, world, device, size, dist)
     todo = [(src, output_path(src, root, out)) for src in mine]
     todo = [(src, dst) for src, dst in todo if not dst.exists()]
     counts = {"ok": 0, "failed": 0, "skipped": len(mine) - len(todo)}
@@ -171,4 +186,134 @@ def run(args) -> int:
             print(f"encode-dataset ({scope}): {counts['ok']} encoded, {counts['skipped']} already done, "
                   f"{counts['failed']} failed" + (f" (reasons in {manifest})" if counts["failed"] else ""),
                   file=sys.stderr if counts["failed"] else sys.stdout)
+    return 0
+
+
+# --- shards ------------------------------------------------------------------------------------------
+def video_clips(src, size, frames: int, stride: int) -> list:
+    """[(first frame, uint8 (frames, H, W, 3))] of every whole clip of the video."""
+    import numpy as np
+
+    from decovae_fast.io.video import VideoReader
+
+    clips, window, start = [], [], 0
+    with VideoReader(src, size=size) as reader:
+        for i, frame in enumerate(reader):
+            window.append(frame)
+            if i + 1 == start + frames:
+                clips.append((start, np.stack(window[:frames])))
+                window = window[stride:] if stride <= frames else []
+                start += stride
+            elif i + 1 <= start:  # stride > frames: frames between clips are skipped
+                window = []
+    return clips
+
+
+def _journal_state(journal: Path) -> dict:
+    state = {"shard": 0, "video": 0, "clip": 0, "final": False}
+    if journal.exists():
+        lines = [line for line in journal.read_text().splitlines() if line.strip()]
+        if lines:
+            last = json.loads(lines[-1])
+            state.update(shard=last["shard"] + 1, video=last["next_video"], clip=last["next_clip"],
+                         final=last.get("final", False))
+    return state
+
+
+def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    import dataclasses
+
+    from decovae_fast.io.shards import build_index, shard_name, write_shard
+    from decovae_fast.io.video import frames_to_tensor
+
+    if args.shard_clips < 1 or (args.batch or 1) < 1:
+        raise UserError("--shard-clips and --batch must be at least 1")
+    dtype = compute_dtype(args.dtype, device)
+    model = load_model(args.weights, device, dtype)
+    layout = model.pack_layout()
+    frames = args.clip_frames or 2 * model.config.keyframe_interval
+    stride = args.clip_stride or frames
+    if frames < 1 or stride < 1:
+        raise UserError("--clip-frames and --clip-stride must be at least 1")
+    if args.normalize and model.config.latents_mean is None:
+        raise UserError("--normalize: the model has no latents_mean / latents_std (`decovae latent-stats`)")
+    journal = out / f"progress-r{rank:03d}.jsonl"
+    state = _journal_state(journal)
+    for p in out.glob(f".shard-r{rank:03d}-*.partial-*"):  # what a killed run left half-written
+        p.unlink(missing_ok=True)
+    meta = {"clip_frames": frames, "normalized": bool(args.normalize), "config_hash": model.config_hash(),
+            "layout": json.dumps(dataclasses.asdict(layout))}
+    counts = {"clips": 0, "failed": 0, "shards": 0, "decode_s": 0.0, "encode_s": 0.0}
+    buffer, k = [], state["shard"]
+
+    def commit(next_video, next_clip, final=False):
+        nonlocal buffer, k
+        if buffer:
+            write_shard(out / shard_name(rank, k), torch.stack([z for z, _ in buffer]), [src for _, src in buffer],
+                        dict(meta, height=buffer[0][0].shape[-2] * layout.cell, width=buffer[0][0].shape[-1] * layout.cell))
+            counts["shards"] += 1
+        append_line(journal, {"shard": k if buffer else k - 1, "clips": len(buffer), "next_video": next_video,
+                              "next_clip": next_clip, "final": final})
+        if buffer:
+            k += 1
+        buffer = []
+
+    def decode(vi):
+        start = time.perf_counter()
+        try:
+            return vi, video_clips(mine[vi], size, frames, stride), None, time.perf_counter() - start
+        except UserError as exc:
+            return vi, [], str(exc), time.perf_counter() - start
+
+    bar = progress(args, len(mine) - state["video"], f"encode-dataset rank {rank}/{world}")
+    bar.unit = "video"
+    with ThreadPoolExecutor(1) as pool:  # decodes the next video while this one is encoded
+        pending = pool.submit(decode, state["video"]) if not state["final"] and state["video"] < len(mine) else None
+        while pending is not None:
+            vi, clips, error, seconds = pending.result()
+            counts["decode_s"] += seconds
+            pending = pool.submit(decode, vi + 1) if vi + 1 < len(mine) else None
+            if error is not None:
+                counts["failed"] += 1
+                append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "failed", "reason": error})
+            first = state["clip"] if vi == state["video"] else 0
+            start = time.perf_counter()
+            # batches aligned to the video's first clip whatever the resume point, so a resumed run
+            # encodes every clip in the same batch as an uninterrupted one (same bits)
+            for b in range(first - first % args.batch, len(clips), args.batch):
+                group = clips[b:b + args.batch]
+                video = torch.cat([frames_to_tensor(c, device, dtype) for _, c in group])
+                with torch.no_grad():
+                    packed = model.encode(video, fixed_gops=True).pack(layout)
+                    if args.normalize:
+                        packed = model.normalize(packed)
+                for j, (z, (s0, _)) in enumerate(zip(packed.float().cpu(), group)):
+                    if b + j < first:
+                        continue
+                    buffer.append((z, [str(mine[vi]), s0]))
+                    counts["clips"] += 1
+                    if len(buffer) == args.shard_clips:
+                        ci = b + j + 1
+                        commit(vi if ci < len(clips) else vi + 1, ci if ci < len(clips) else 0)
+            counts["encode_s"] += time.perf_counter() - start
+            if error is None:
+                append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "ok", "clips": len(clips) - first})
+            bar.update(1)
+    if not state["final"]:
+        commit(len(mine), 0, final=True)
+    bar.close()
+    if dist is not None:
+        dist.barrier()
+    build_index(out)  # every rank: the last to finish lists every shard
+    if dist is not None:
+        dist.destroy_process_group()
+    if not args.quiet or counts["failed"]:
+        share = counts["decode_s"] / max(1e-9, counts["decode_s"] + counts["encode_s"])
+        print(f"encode-dataset rank {rank}/{world}: {counts['clips']} clips into {counts['shards']} shards, "
+              f"{counts['failed']} videos failed; decoding video {100 * share:.0f}% of the time",
+              file=sys.stderr if counts["failed"] else sys.stdout)
     return 0
