@@ -10,7 +10,8 @@
   and print the totals once.
 - Each input's result goes to OUT/manifest.jsonl (one JSON object per line, appended atomically):
   status "ok" with sizes and time, or "failed" with the reason. A failure does not stop the run.
-- With --shard-clips N: clips of --clip-frames frames every --clip-stride frames, encoded with
+- With --shard-clips N: clips of --clip-frames frames every --clip-stride frames (--size HxW
+  stretched, or with --crop scaled and centre-cropped), encoded with
   fixed GOPs and packed (optionally normalised), go into safetensors shards of N clips
   (io/shards.py) instead of one file per video. Rank r's clips, in order, fill its shards
   shard-r<r>-<k>; each shard is written whole, then a line in OUT/progress-r<r>.jsonl records it
@@ -45,6 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-stride", type=int, metavar="S", help="frames between clip starts (default F)")
     p.add_argument("--normalize", action="store_true", help="store latents normalised (the model's latents_mean/std)")
     p.add_argument("--batch", type=int, default=4, metavar="B", help="clips per encoder call (default 4)")
+    p.add_argument("--crop", action="store_true",
+                   help="with --size: scale (aspect kept) to cover HxW and centre-crop, instead of stretching")
     video_flags(p)
     model_flags(p)
     p.set_defaults(run=run)
@@ -190,14 +193,14 @@ def run(args) -> int:
 
 
 # --- shards ------------------------------------------------------------------------------------------
-def video_clips(src, size, frames: int, stride: int) -> list:
+def video_clips(src, size, frames: int, stride: int, crop: bool = False) -> list:
     """[(first frame, uint8 (frames, H, W, 3))] of every whole clip of the video."""
     import numpy as np
 
     from decovae_fast.io.video import VideoReader
 
     clips, window, start = [], [], 0
-    with VideoReader(src, size=size) as reader:
+    with VideoReader(src, size=size, crop=crop) as reader:
         for i, frame in enumerate(reader):
             window.append(frame)
             if i + 1 == start + frames:
@@ -265,7 +268,7 @@ def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> in
     def decode(vi):
         start = time.perf_counter()
         try:
-            return vi, video_clips(mine[vi], size, frames, stride), None, time.perf_counter() - start
+            return vi, video_clips(mine[vi], size, frames, stride, args.crop), None, time.perf_counter() - start
         except UserError as exc:
             return vi, [], str(exc), time.perf_counter() - start
 

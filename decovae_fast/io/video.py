@@ -65,9 +65,11 @@ def _describe(exc: Exception) -> str:
 
 class VideoReader:
     """Decodes the first video stream of `path` frame by frame, optionally resized to `size`
-    (H, W) and limited to `max_frames`. Use as a context manager or call close()."""
+    (H, W) and limited to `max_frames`. With crop=True the frame is scaled (aspect kept) to cover
+    `size` and centre-cropped to it instead of stretched. Use as a context manager or call close()."""
 
-    def __init__(self, path, size: tuple[int, int] | None = None, max_frames: int | None = None):
+    def __init__(self, path, size: tuple[int, int] | None = None, max_frames: int | None = None,
+                 crop: bool = False):
         import av
 
         self.path = check_input_file(path)
@@ -89,6 +91,11 @@ class VideoReader:
             self._container.close()
             raise UserError(f"{self.path}: video stream has no frame size")
         self.height, self.width = size or (self.source_height, self.source_width)
+        self._scaled = (self.height, self.width)  # what the decoder resizes to, before any crop
+        if crop and size is not None:
+            scale = max(self.height / self.source_height, self.width / self.source_width)
+            self._scaled = (max(self.height, round(self.source_height * scale)),
+                            max(self.width, round(self.source_width * scale)))
         rate = self._stream.average_rate or self._stream.guessed_rate or self._stream.base_rate
         self.fps = Fraction(rate) if rate and rate > 0 else DEFAULT_FPS
         self.declared_frames = int(self._stream.frames or 0)  # 0 when the container does not say
@@ -106,17 +113,20 @@ class VideoReader:
         """Yields uint8 (H, W, 3) RGB frames."""
         import av
 
-        resize = (self.height, self.width) != (self.source_height, self.source_width)
+        (sh, sw), (h, w) = self._scaled, (self.height, self.width)
+        resize = (sh, sw) != (self.source_height, self.source_width)
+        top, left = (sh - h) // 2, (sw - w) // 2
         try:
             for frame in self._container.decode(self._stream):
                 if self.max_frames is not None and self.frames_read >= self.max_frames:
                     return
                 if resize:
                     # AREA averages when shrinking (no aliasing) and is bilinear when enlarging.
-                    arr = frame.to_ndarray(format="rgb24", width=self.width, height=self.height,
-                                           interpolation="AREA")
+                    arr = frame.to_ndarray(format="rgb24", width=sw, height=sh, interpolation="AREA")
                 else:
                     arr = frame.to_ndarray(format="rgb24")
+                if (sh, sw) != (h, w):
+                    arr = np.ascontiguousarray(arr[top:top + h, left:left + w])
                 self.frames_read += 1
                 yield arr
         except av.FFmpegError as exc:

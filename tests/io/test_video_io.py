@@ -248,3 +248,20 @@ def test_latent_file_rejects_nan(tmp_path, encoded):
     save_latent(path, latent, model_type="decovae", config_hash=model.config_hash(), fps=Fraction(24))
     with pytest.raises(UserError, match="NaN"):
         load_latent(path)
+
+
+def test_crop_scales_to_cover_and_takes_the_centre(tmp_path):
+    """--size with crop keeps the aspect: a 48x96 frame read at 32x32 is scaled to 32x64 and its
+    middle 32 columns kept (stretching would squeeze the whole width in)."""
+    from conftest import write_clip
+
+    frames = np.zeros((3, 48, 96, 3), np.uint8)
+    frames[:, :, 24:72] = 255  # a white band over the middle half of the width
+    path = write_clip(tmp_path / "band.mp4", frames, Fraction(24), pix_fmt="yuv444p")
+    with VideoReader(path, size=(32, 32), crop=True) as r:
+        cropped = np.stack(list(r))
+    with VideoReader(path, size=(32, 32)) as r:
+        stretched = np.stack(list(r))
+    assert cropped.shape == stretched.shape == (3, 32, 32, 3)
+    assert cropped[:, :, 2:30].min() > 200  # the band fills the centre crop
+    assert stretched[:, :, :6].max() < 60 and stretched[:, :, 10:22].min() > 200  # black edges squeezed in
