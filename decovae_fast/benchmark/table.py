@@ -208,11 +208,17 @@ def target_lines(result: dict) -> list[str]:
     fast = [r for r in _get(rows, "warp_residual.fwd") if r["backend"] not in NOT_FAST]
     for r in fast:
         copy = next(_get(rows, "warp_residual.fwd", COPY_SAME_BYTES, r["shape"]), None)
-        same = (f" ({100 * r['gbps'] / copy['gbps']:.0f}% of the same-size copy timed interleaved with it)"
-                if copy and copy["gbps"] else "")
+        # the bandwidth target reads against the copy of the same bytes timed interleaved with the
+        # kernel (>= 50%): the run's copy ceiling, measured at another moment, moves by half on a VM
+        if copy and copy["gbps"]:
+            frac = r["gbps"] / copy["gbps"]
+            bandwidth = (f"{100 * frac:.0f}% of the same-size copy timed interleaved with it (target >= 50%): "
+                         f"{verdict(frac >= 0.5)}; {100 * r['ceiling_fraction']:.1f}% of the run's copy ceiling")
+        else:
+            bandwidth = (f"{100 * r['ceiling_fraction']:.1f}% of the run's copy ceiling (no same-size copy in "
+                         f"this run; target >= 40%): {verdict(r['ceiling_fraction'] >= 0.4)}")
         out.append(f"warp_residual.fwd {r['backend']} {r['shape']}: {r['speedup']:.2f}x the reference (target >= 8x): "
-                   f"{verdict(r['speedup'] >= 8)}; {100 * r['ceiling_fraction']:.1f}% of the run's copy bandwidth"
-                   f"{same} (target >= 40%): {verdict(r['ceiling_fraction'] >= 0.4)}")
+                   f"{verdict(r['speedup'] >= 8)}; {bandwidth}")
         if r["backend"] == "cpu@avx2" and copy and copy["gbps"]:  # the AVX2 kernels' own target
             frac = r["gbps"] / copy["gbps"]
             out.append(f"warp_residual.fwd cpu@avx2 {r['shape']}: {100 * frac:.0f}% of the same-size copy "

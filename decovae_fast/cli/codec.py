@@ -54,6 +54,14 @@ def _check_common(args) -> None:
         raise UserError(f"{args.output}: output would overwrite the input")
 
 
+def check_finite(t: torch.Tensor, source, what: str) -> torch.Tensor:
+    """A NaN or Inf the model produced is an error naming the input, never data in an output file."""
+    if not torch.isfinite(t).all():
+        raise UserError(f"{source}: the model produced NaN or Inf values in the {what}; nothing was written "
+                        f"(check the weights, or try --dtype fp32)")
+    return t
+
+
 # --- model -------------------------------------------------------------------------------------------
 def latent_to(latent, device):
     for g in latent.parts().values():
@@ -148,7 +156,7 @@ def run_reconstruct(args) -> int:
         pieces = record(enc_clock.wrap(model.encode_stream(chunks, on_gop=on_gop if args.report else None)))
         bar = progress(args, reader.frames_hint, "reconstruct")
         for out in dec_clock.wrap(model.decode_stream(pieces, args.chunk_frames)):
-            recon = tensor_to_frames(out)
+            recon = tensor_to_frames(check_finite(out, args.input, "reconstruction"))
             writer.write(recon)
             orig = np.stack([pending.popleft() for _ in range(len(recon))])
             p, s = metrics.frame_metrics(orig, recon)
@@ -230,6 +238,8 @@ def encode_file(model, input_path, output_path, *, size=None, max_frames=None, c
         if bar is not None:
             bar.close()
         latent = DeCoLatent.concat(pieces)
+        for name, g in latent.parts().items():
+            check_finite(g.mean, input_path, f"{name} latent")
         save_latent(output_path, latent, model_type=model.config.model_type,
                     config_hash=model.config_hash(), fps=reader.fps)
     return {"frames": latent.frames, "size": [latent.height, latent.width], "fps": float(reader.fps),
@@ -274,7 +284,7 @@ def run_decode(args) -> int:
             torch.no_grad():
         bar = progress(args, lat.frames, "decode")
         for out in model.decode_stream(latent, args.chunk_frames):
-            frames = tensor_to_frames(out)
+            frames = tensor_to_frames(check_finite(out, args.input, "decoded frames"))
             writer.write(frames)
             bar.update(len(frames))
         bar.close()

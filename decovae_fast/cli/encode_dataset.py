@@ -287,6 +287,7 @@ def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> in
             start = time.perf_counter()
             # batches aligned to the video's first clip whatever the resume point, so a resumed run
             # encodes every clip in the same batch as an uninterrupted one (same bits)
+            encoded = []
             for b in range(first - first % args.batch, len(clips), args.batch):
                 group = clips[b:b + args.batch]
                 video = torch.cat([frames_to_tensor(c, device, dtype) for _, c in group])
@@ -294,14 +295,20 @@ def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> in
                     packed = model.encode(video, fixed_gops=True).pack(layout)
                     if args.normalize:
                         packed = model.normalize(packed)
-                for j, (z, (s0, _)) in enumerate(zip(packed.float().cpu(), group)):
-                    if b + j < first:
-                        continue
-                    buffer.append((z, [str(mine[vi]), s0]))
-                    counts["clips"] += 1
-                    if len(buffer) == args.shard_clips:
-                        ci = b + j + 1
-                        commit(vi if ci < len(clips) else vi + 1, ci if ci < len(clips) else 0)
+                encoded += [(b + j, z, s0) for j, (z, (s0, _)) in enumerate(zip(packed.float().cpu(), group))]
+            if error is None and not all(torch.isfinite(z).all() for _, z, _ in encoded):
+                error = f"{mine[vi]}: the model produced NaN or Inf values in a latent; no clip of it was written"
+                counts["failed"] += 1
+                append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "failed", "reason": error})
+                encoded = []
+            for ci, z, s0 in encoded:
+                if ci < first:
+                    continue
+                buffer.append((z, [str(mine[vi]), s0]))
+                counts["clips"] += 1
+                if len(buffer) == args.shard_clips:
+                    nxt = ci + 1
+                    commit(vi if nxt < len(clips) else vi + 1, nxt if nxt < len(clips) else 0)
             counts["encode_s"] += time.perf_counter() - start
             if error is None:
                 append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "ok", "clips": len(clips) - first})

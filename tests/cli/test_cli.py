@@ -362,3 +362,33 @@ def test_latent_stats_writes_json_and_the_config(tmp_path, make_clip, small_weig
     assert bad.returncode == 2 and "--weights" in bad.stderr and not (tmp_path / "s2.json").exists()
     missing = decovae("latent-stats", tmp_path / "nope.mp4", "-o", tmp_path / "s3.json", "--weights", weights)
     assert missing.returncode == 2 and "nope.mp4" in missing.stderr
+
+
+def test_nan_produced_by_the_model_is_reported_and_nothing_is_written(tmp_path, clip, small_weights):
+    """Weights with a NaN (a diverged training run) make NaN latents and frames: encode, reconstruct
+    and encode-dataset --shard-clips report it with exit 2 / a failed record, and write nothing."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan_weights"
+    shutil.copytree(small_weights, bad)
+    state = load_file(bad / "model.safetensors")
+    key = next(k for k in state if k.startswith("keyframe_encoder") and k.endswith("weight"))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, str(bad / "model.safetensors"))
+    out = tmp_path / "z.safetensors"
+    result = decovae("encode", clip, "-o", out, "--weights", bad)
+    assert result.returncode == 2 and "NaN or Inf" in result.stderr and not out.exists()
+    assert len(result.stderr.strip().splitlines()) == 1
+    video = tmp_path / "r.mp4"
+    result = decovae("reconstruct", clip, "-o", video, "--weights", bad)
+    assert result.returncode == 2 and "NaN or Inf" in result.stderr and not video.exists()
+    src = tmp_path / "videos"
+    src.mkdir()
+    shutil.copy(clip, src / "a.mp4")
+    shards = tmp_path / "shards"
+    result = decovae("encode-dataset", "--inputs", src, "--out", shards, "--weights", bad, "--shard-clips", "2",
+                     "--clip-frames", "8")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (shards / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["failed"] and "NaN or Inf" in records[0]["reason"]
+    assert not list(shards.glob("shard-*"))
