@@ -8,7 +8,7 @@ export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/
 # no GPU visible: compile the CUDA kernels for Hopper (the setup.py default adds Ampere too)
 export TORCH_CUDA_ARCH_LIST ?= $(shell nvidia-smi >/dev/null 2>&1 || echo 9.0)
 
-.PHONY: setup build run test bench wheel-check arm-check clean
+.PHONY: setup build run test bench wheel-check arm-check sanitize-check fuzz clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,14 @@ wheel-check: setup
 # every C++ source compiled for aarch64 (Debian's cross g++; compile only: no ARM libtorch or CPU here)
 arm-check: setup
 	PYTHON=$(abspath $(PY)) scripts/arm_check.sh
+
+# the CPU kernel tests against a build with AddressSanitizer + UndefinedBehaviorSanitizer
+sanitize-check: setup
+	PYTHON=$(abspath $(PY)) scripts/sanitize_check.sh
+
+# the fuzz tests of tests/io/test_fuzz.py with 5000 new cases each (make test runs 300 fixed ones)
+fuzz: setup
+	DECOVAE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -s tests/io/test_fuzz.py
 
 clean:
 	rm -rf build $(VENV) decovae_fast/_C*.so *.egg-info

@@ -67,6 +67,13 @@ def _extension():
     # DECOVAE_MARCH=native tunes everything for the build host instead (opt-in).
     march = os.environ.get("DECOVAE_MARCH", "x86-64-v2" if platform.machine() in ("x86_64", "AMD64") else "")
     cxx = ["-O3", "-std=c++20", "-fopenmp"] + (["-march=" + march] if march else [])
+    # DECOVAE_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize_check.sh;
+    # CPU only, load with LD_PRELOAD of libasan)
+    link = []
+    if os.environ.get("DECOVAE_SANITIZE") == "1":
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + san
+        link = san
     include_dirs = [os.path.join(ROOT, "csrc")]
     # the baseline the build used, for `decovae info` and the test that inspects the built library
     macros = [("DECOVAE_BUILD_MARCH", '"%s"' % (march or "default"))]
@@ -84,7 +91,7 @@ def _extension():
             libraries=libs,
         )
     return CppExtension("decovae_fast._C", cpu_sources, include_dirs=include_dirs, define_macros=macros,
-                        extra_compile_args={"cxx": cxx}, libraries=libs)
+                        extra_compile_args={"cxx": cxx}, extra_link_args=link, libraries=libs)
 
 
 setup(

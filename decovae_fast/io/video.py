@@ -80,12 +80,17 @@ class VideoReader:
             self._container = av.open(str(self.path), mode="r")
         except av.FFmpegError as exc:
             raise UserError(f"{self.path}: not a readable video ({_describe(exc)})") from None
+        except UnicodeDecodeError:  # PyAV decodes the container's metadata as UTF-8 (found by tests/io/test_fuzz.py)
+            raise UserError(f"{self.path}: not a readable video (its header holds text that is not UTF-8)") from None
         if not self._container.streams.video:
             self._container.close()
             raise UserError(f"{self.path}: contains no video stream")
         self._stream = self._container.streams.video[0]
         self._stream.thread_type = "AUTO"
         cc = self._stream.codec_context
+        if cc is None:  # a stream whose codec FFmpeg could not open (found by tests/io/test_fuzz.py)
+            self._container.close()
+            raise UserError(f"{self.path}: video stream has no decodable codec (truncated or corrupt)")
         self.source_height, self.source_width = cc.height, cc.width
         if self.source_height <= 0 or self.source_width <= 0:
             self._container.close()
@@ -129,7 +134,7 @@ class VideoReader:
                     arr = np.ascontiguousarray(arr[top:top + h, left:left + w])
                 self.frames_read += 1
                 yield arr
-        except av.FFmpegError as exc:
+        except (av.FFmpegError, UnicodeDecodeError) as exc:
             raise UserError(f"{self.path}: cannot decode frame {self.frames_read} "
                             f"(truncated or corrupt: {_describe(exc)})") from None
         if self.frames_read == 0:
