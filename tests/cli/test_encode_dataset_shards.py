@@ -71,6 +71,9 @@ def test_two_torchrun_ranks_encode_every_good_clip_exactly_once(tmp_path, make_c
     loader = torch.utils.data.DataLoader(LatentIterableDataset(out), batch_size=None, num_workers=2)
     streamed = [(item["source"], item["start"]) for item in loader]
     assert sorted(streamed) == sorted(clips)
+    # as two DDP ranks would read it (rank and world given; torch.distributed's when initialised)
+    per_rank = [[(i["source"], i["start"]) for i in LatentIterableDataset(out, rank=r, world_size=2)] for r in (0, 1)]
+    assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == sorted(clips)
 
 
 def test_sigkill_midway_and_rerun_give_the_same_shards_bit_for_bit(tmp_path, make_clip, small_weights, cli_env):
