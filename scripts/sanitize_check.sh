@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC="$PWD"
 PY="${PYTHON:-$SRC/.venv/bin/python}"
+case "$PY" in /*) ;; *) PY="$SRC/$PY" ;; esac  # the tests run from the scratch folder
 WORK="${SANITIZE_DIR:-/tmp/decovae_sanitize}"
 mkdir -p "$WORK"
 export DECOVAE_SANITIZE=1 DECOVAE_BUILD_CUDA=0 MAX_JOBS="${MAX_JOBS:-2}"
