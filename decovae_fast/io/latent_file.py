@@ -17,7 +17,7 @@ from fractions import Fraction
 import torch
 
 from decovae_fast.errors import UserError
-from decovae_fast.io.outputs import atomic_output
+from decovae_fast.io.outputs import save_safetensors
 
 FORMAT = "decovae-latent"
 FORMAT_VERSION = 1
@@ -60,8 +60,6 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str
 
 def save_latent(path, latent, *, model_type: str, config_hash: str, fps: Fraction) -> None:
     """Writes `latent` (a DeCoLatent, batch of 1) to `path` atomically."""
-    from safetensors.torch import save_file
-
     tensors, meta = latent.to_tensors()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     clash = set(meta) & set(_OWN_KEYS)
@@ -72,8 +70,7 @@ def save_latent(path, latent, *, model_type: str, config_hash: str, fps: Fractio
                 config_hash=config_hash, fps=str(Fraction(fps)), dtype=str(dtype).replace("torch.", ""),
                 latent_elements=str(latent.numel()))
     meta["checksum"] = _checksum(tensors, meta)
-    with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(path, tensors, meta)
 
 
 def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -5,6 +5,7 @@ through atomic_output."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -32,18 +33,43 @@ def temporary_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
+# errors of the storage rather than of the program: a full disk, a file-size limit, a quota, a
+# read-only file system, a permission taken away midway
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def cannot_write(path, reason: str) -> UserError:
+    return UserError(f"{path}: cannot write the output ({reason}); nothing was left behind")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
-    """Yields a temporary path; renames it to `path` on success, removes it on any failure."""
+    """Yields a temporary path; renames it to `path` on success, removes it on any failure. A
+    storage error (STORAGE_ERRNOS) while writing becomes a one-line UserError."""
     path = check_writable(path)
     tmp = temporary_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise cannot_write(path, exc.strerror or str(exc)) from None
         raise
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """safetensors' save_file, atomically; a storage error becomes a one-line UserError."""
+    from safetensors.torch import save_file
+
+    with atomic_output(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except Exception as exc:  # safetensors reports I/O errors as its own type, with the OS's words
+            if "I/O error" in str(exc):
+                raise cannot_write(path, str(exc).split("I/O error:")[-1].strip()) from None
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

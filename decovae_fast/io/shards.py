@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from decovae_fast.io.outputs import atomic_output, write_text
+from decovae_fast.io.outputs import save_safetensors, write_text
 
 SHARD_GLOB = "shard-r*-*.safetensors"
 INDEX_NAME = "index.json"
@@ -27,12 +27,9 @@ def shard_name(rank: int, k: int) -> str:
 
 
 def write_shard(path, latents: torch.Tensor, sources: list, meta: dict) -> None:
-    from safetensors.torch import save_file
-
     metadata = {k: str(v) for k, v in meta.items()}
     metadata["sources"] = json.dumps(sources)
-    with atomic_output(path) as tmp:
-        save_file({"latents": latents.contiguous().cpu()}, str(tmp), metadata=metadata)
+    save_safetensors(path, {"latents": latents.contiguous().cpu()}, metadata)
 
 
 def read_header(path) -> dict:

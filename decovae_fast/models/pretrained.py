@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from decovae_fast.io.outputs import atomic_output, write_text
+from decovae_fast.io.outputs import save_safetensors, write_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -16,14 +16,11 @@ BUNDLED = Path(__file__).resolve().parent.parent / "weights" / "tiny"
 
 
 def save(model, directory) -> Path:
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_output(d / WEIGHTS_NAME) as tmp:  # written whole, then renamed: never half a file
-        save_file(state, str(tmp), metadata={"model_type": model.config.model_type,
-                                             "config_hash": model.config.config_hash()})
+    save_safetensors(d / WEIGHTS_NAME, state, {"model_type": model.config.model_type,  # whole or not at all
+                                               "config_hash": model.config.config_hash()})
     write_text(d / CONFIG_NAME, model.config.to_json() + "\n")  # last: it names what the weights are
     return d
 

@@ -392,3 +392,42 @@ def test_nan_produced_by_the_model_is_reported_and_nothing_is_written(tmp_path, 
     records = [json.loads(line) for line in (shards / "manifest.jsonl").read_text().splitlines()]
     assert [r["status"] for r in records] == ["failed"] and "NaN or Inf" in records[0]["reason"]
     assert not list(shards.glob("shard-*"))
+
+
+def _file_size_limit(nbytes):
+    """preexec_fn: files may not grow past nbytes (as a full disk would stop them); the write fails
+    with EFBIG instead of the process being killed by SIGXFSZ."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return limit
+
+
+def test_a_full_disk_is_reported_and_leaves_nothing(tmp_path, clip, small_weights, cli_env):
+    """encode, reconstruct and encode-dataset with a file-size limit (a disk that fills up midway):
+    exit 2 with one line naming the output, no file or temporary left; encode-dataset records each
+    video failed and goes on to the next."""
+    def run(*args):
+        cmd = [sys.executable, "-m", "decovae_fast.cli", *map(str, args), "--weights", str(small_weights)]
+        return subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300,
+                              preexec_fn=_file_size_limit(1500))
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["encode", clip, "-o", out / "z.safetensors"], ["reconstruct", clip, "-o", out / "r.mp4"]):
+        result = run(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "cannot write the output" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert list(out.iterdir()) == []
+    src = tmp_path / "videos"
+    src.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        shutil.copy(clip, src / name)
+    result = run("encode-dataset", "--inputs", src, "--out", tmp_path / "lat")
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "lat" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    assert all("cannot write the output" in r["reason"] for r in records)
+    assert [p.name for p in (tmp_path / "lat").iterdir()] == ["manifest.jsonl"]
