@@ -224,12 +224,12 @@ def _journal_state(journal: Path) -> dict:
 
 
 def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> int:
+    import dataclasses
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    import dataclasses
-
+    from decovae_fast.cli.codec import check_finite
     from decovae_fast.io.shards import build_index, shard_name, write_shard
     from decovae_fast.io.video import frames_to_tensor
 
@@ -265,6 +265,10 @@ def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> in
             k += 1
         buffer = []
 
+    def fail(vi, reason):
+        counts["failed"] += 1
+        append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "failed", "reason": reason})
+
     def decode(vi):
         start = time.perf_counter()
         try:
@@ -281,26 +285,25 @@ def run_shards(args, mine, out, manifest, rank, world, device, size, dist) -> in
             counts["decode_s"] += seconds
             pending = pool.submit(decode, vi + 1) if vi + 1 < len(mine) else None
             if error is not None:
-                counts["failed"] += 1
-                append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "failed", "reason": error})
+                fail(vi, error)
             first = state["clip"] if vi == state["video"] else 0
             start = time.perf_counter()
             # batches aligned to the video's first clip whatever the resume point, so a resumed run
             # encodes every clip in the same batch as an uninterrupted one (same bits)
             encoded = []
-            for b in range(first - first % args.batch, len(clips), args.batch):
-                group = clips[b:b + args.batch]
-                video = torch.cat([frames_to_tensor(c, device, dtype) for _, c in group])
-                with torch.no_grad():
-                    packed = model.encode(video, fixed_gops=True).pack(layout)
-                    if args.normalize:
-                        packed = model.normalize(packed)
-                encoded += [(b + j, z, s0) for j, (z, (s0, _)) in enumerate(zip(packed.float().cpu(), group))]
-            if error is None and not all(torch.isfinite(z).all() for _, z, _ in encoded):
-                error = f"{mine[vi]}: the model produced NaN or Inf values in a latent; no clip of it was written"
-                counts["failed"] += 1
-                append_line(manifest, {"input": str(mine[vi]), "rank": rank, "status": "failed", "reason": error})
-                encoded = []
+            try:  # a video's clips go to the shards all or none
+                for b in range(first - first % args.batch, len(clips), args.batch):
+                    group = clips[b:b + args.batch]
+                    video = torch.cat([frames_to_tensor(c, device, dtype) for _, c in group])
+                    with torch.no_grad():
+                        packed = model.encode(video, fixed_gops=True).pack(layout)
+                        if args.normalize:
+                            packed = model.normalize(packed)
+                    check_finite(packed, mine[vi], "latent")
+                    encoded += [(b + j, z, s0) for j, (z, (s0, _)) in enumerate(zip(packed.float().cpu(), group))]
+            except UserError as exc:
+                error, encoded = str(exc), []
+                fail(vi, error)
             for ci, z, s0 in encoded:
                 if ci < first:
                     continue

@@ -171,16 +171,9 @@ class DeCoVAEConfig(_ConfigMixin):
 
     def latent_elements(self, frames: int, height: int, width: int) -> int:
         """Latent elements (per batch item) of a video cut only at the keyframe interval."""
-        H = math.ceil(height / 16) * 16
-        W = math.ceil(width / 16) * 16
-        h, w = H // 8, W // 8
-        total = 0
-        for start in range(0, frames, self.keyframe_interval):
-            n = min(self.keyframe_interval, frames - start)
-            k = math.ceil((n - 1) / 4)
-            total += self.keyframe_channels * h * w
-            total += k * (self.motion_channels * (h // 2) * (w // 2) + self.residual_channels * h * w)
-        return total
+        cells = math.ceil(height / 16) * math.ceil(width / 16)
+        starts = range(0, frames, self.keyframe_interval)
+        return cells * sum(self.gop_cell_elements(min(self.keyframe_interval, frames - s)) for s in starts)
 
 
 @dataclass
