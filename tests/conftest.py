@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from decovae_fast import _ext
 
@@ -168,13 +169,19 @@ def make_truncated_video(make_clip, path, keep=0.6):
     path.write_bytes(data[:int(len(data) * keep)])
     return path
 
+# ---- magnitudes far from 1 (fp16 near its top and bottom, bf16 at 2^+-100): tests/ops ----------------
+EXTREMES = [(torch.float16, 2.0 ** 12), (torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** 100),
+            (torch.bfloat16, 2.0 ** -100)]
+EXTREME_IDS = ["fp16-2^12", "fp16-2^-10", "bf16-2^100", "bf16-2^-100"]
+
+
 # ---- CPU kernel variants ------------------------------------------------------------------------
 # The CPU kernels are compiled per instruction set (csrc/cpu/kernels_*.cpp): every CPU kernel test
 # of the modules below runs once per variant this CPU runs (ids [isa_default], [isa_avx2],
 # [isa_avx512]), with the variant forced for this process and for any subprocess a test starts.
 
 # Modules whose CPU tests run per variant; their Triton and GPU tests run once.
-PER_ISA_MODULES = ("test_warp_ops", "test_causal_conv3d", "test_cpu_capability")
+PER_ISA_MODULES = ("test_warp_ops", "test_causal_conv3d", "test_cpu_capability", "test_kernel_invariance")
 
 
 def _per_isa(metafunc) -> bool:

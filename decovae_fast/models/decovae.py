@@ -144,21 +144,34 @@ class DeCoVAE(VideoVAEBase):
                           DiagonalGaussian.from_moments(rm), [0], gop.n, H, W,
                           info={"config_hash": self.config_hash()})
 
-    def _first_cut(self, residual, H, W, gop_frames: int):
-        """Index of the first frame whose warp fails (any batch item) where a new GOP may start, or
-        None. The GOP so far has gop_frames frames; it must reach config.min_gop() first."""
+    def _first_cut(self, residual, H, W, gop_frames: int, start: int, shared: bool = False):
+        """Index of the first frame of residual (frames start, start+1, ...) whose warp fails, where
+        a new GOP may start, or None. The GOP so far has gop_frames frames; it must reach
+        config.min_gop() first. Decided per clip, so a clip's latent does not depend on what it is
+        batched with; a batch shares one GOP structure, so clips that cut at different frames are
+        an error rather than one clip's cut silently re-cutting the others. shared (training's
+        forward): the first frame where any clip cuts cuts them all."""
         thr = self.config.scene_cut_threshold
         if thr is None or residual.shape[2] == 0:
             return None
         with torch.no_grad():
-            energy = residual[..., :H, :W].float().pow(2).mean(dim=(1, 3, 4)).amax(0)
-            energy[:max(0, self.config.min_gop() - gop_frames)] = 0  # too early for a keyframe
-            over = (energy > thr).nonzero()
-        return int(over[0]) if len(over) else None
+            # fp64 sums: the rounding of any reduction order (threads, batch size) is ~1e-16 of the
+            # energy, so the order cannot flip a decision
+            energy = residual[..., :H, :W].double().pow(2).mean(dim=(1, 3, 4))  # (B, t)
+            energy[:, :max(0, self.config.min_gop() - gop_frames)] = 0  # too early for a keyframe
+            cuts = [int(row.nonzero()[0]) if row.any() else None for row in energy > thr]
+        if shared and any(c is not None for c in cuts):
+            return min(c for c in cuts if c is not None)
+        if len(set(cuts)) > 1:
+            where = ", ".join(f"clip {b}: {'none' if c is None else start + c}" for b, c in enumerate(cuts))
+            raise ValueError(f"the clips of this batch change scene at different frames ({where}); a batch "
+                             f"shares one GOP structure: encode them one at a time, or with fixed_gops=True")
+        return cuts[0]
 
-    def _gops(self, chunks, encode: bool = True, keep: bool = False, fixed_gops: bool = False):
+    def _gops(self, chunks, encode: bool = True, keep: bool = False, fixed_gops: bool = False,
+              shared_cuts: bool = False):
         """Yield (piece or None, gop) for every GOP of the chunk stream; fixed_gops: a GOP every
-        keyframe_interval frames, no adaptive cut."""
+        keyframe_interval frames, no adaptive cut; shared_cuts: see _first_cut."""
         gop, seen, size = None, 0, None
         for chunk in chunks:
             size = check_chunk(chunk, size)
@@ -179,7 +192,7 @@ class DeCoVAE(VideoVAEBase):
                 seg = x[:, :, i:i + room]
                 motion = self._estimate_motion(seg, gop.keyframe, tiles)
                 residual = ops.warp_residual(gop.volume, motion, seg)
-                cut = None if fixed_gops else self._first_cut(residual, H, W, gop.n)
+                cut = None if fixed_gops else self._first_cut(residual, H, W, gop.n, seen + i, shared_cuts)
                 if cut is not None:
                     motion, residual = motion[:, :, :cut], residual[:, :, :cut]
                 self._push(gop, motion, residual, tiles, encode, keep)
@@ -276,7 +289,8 @@ class DeCoVAE(VideoVAEBase):
         check_video(video)
         B, _, T, H, W = video.shape
         pieces, targets, keyframes = [], [], []
-        for piece, gop in self._gops([video], keep=True):
+        # a training batch shares one GOP structure: any clip's scene cut cuts them all
+        for piece, gop in self._gops([video], keep=True, shared_cuts=True):
             pieces.append(piece)
             keyframes.append(gop.keyframe)
             zero = torch.zeros_like(gop.keyframe)

@@ -407,16 +407,20 @@ def _file_size_limit(nbytes):
 
 
 def test_a_full_disk_is_reported_and_leaves_nothing(tmp_path, clip, small_weights, cli_env):
-    """encode, reconstruct and encode-dataset with a file-size limit (a disk that fills up midway):
-    exit 2 with one line naming the output, no file or temporary left; encode-dataset records each
-    video failed and goes on to the next."""
-    def run(*args):
+    """encode, decode, reconstruct and encode-dataset with a file-size limit (a disk that fills up
+    midway): exit 2 with one line naming the output, no file or temporary left; encode-dataset
+    records each video failed and goes on to the next; in shard mode a shard that cannot be written
+    stops the rank (exit 2) before its journal line, so a rerun writes it."""
+    def run(*args, limit=1500):
         cmd = [sys.executable, "-m", "decovae_fast.cli", *map(str, args), "--weights", str(small_weights)]
         return subprocess.run(cmd, capture_output=True, text=True, env=cli_env, timeout=300,
-                              preexec_fn=_file_size_limit(1500))
+                              preexec_fn=None if limit is None else _file_size_limit(limit))
+    latent = tmp_path / "z.safetensors"
+    assert run("encode", clip, "-o", latent, limit=None).returncode == 0
     out = tmp_path / "out"
     out.mkdir()
-    for args in (["encode", clip, "-o", out / "z.safetensors"], ["reconstruct", clip, "-o", out / "r.mp4"]):
+    for args in (["encode", clip, "-o", out / "z.safetensors"], ["decode", latent, "-o", out / "d.mp4"],
+                 ["reconstruct", clip, "-o", out / "r.mp4"]):
         result = run(*args)
         assert result.returncode == 2, result.stderr[-2000:]
         assert "cannot write the output" in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -431,3 +435,12 @@ def test_a_full_disk_is_reported_and_leaves_nothing(tmp_path, clip, small_weight
     assert [r["status"] for r in records] == ["failed", "failed"]
     assert all("cannot write the output" in r["reason"] for r in records)
     assert [p.name for p in (tmp_path / "lat").iterdir()] == ["manifest.jsonl"]
+    shards = tmp_path / "shards"
+    result = run("encode-dataset", "--inputs", src, "--out", shards, "--shard-clips", "2", "--clip-frames", "8")
+    assert result.returncode == 2 and "cannot write the output" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(shards.glob("shard-*")) and not list(shards.glob(".*partial*"))
+    result = run("encode-dataset", "--inputs", src, "--out", shards, "--shard-clips", "2", "--clip-frames", "8",
+                 limit=None)  # the disk has room again: the rerun writes every shard
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(shards.glob("shard-*"))

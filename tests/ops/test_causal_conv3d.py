@@ -20,7 +20,7 @@ import torch
 import decovae_fast.ops as ops
 from decovae_fast import _ext
 from decovae_fast.ops import reference
-from conftest import num_threads
+from conftest import EXTREME_IDS, EXTREMES, num_threads
 
 # CPU tests run once per compiled instruction set (tests/ops/conftest.py)
 pytestmark = [pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built"),
@@ -128,8 +128,9 @@ def test_forward_odd_sizes(T, H, W):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_forward_work_split(threads):
-    """The fast path splits tile rows into units by thread count; every split must agree,
-    including a last unit with padding rows (H=17: 5 tile rows) and several units per image."""
+    """The fast path splits tile rows into units (by frame size; the threads share them out):
+    every thread count must agree, including a last unit with padding rows (H=17: 5 tile rows) and
+    several units per image. tests/ops/test_kernel_invariance.py asks for the same bits."""
     with num_threads(threads):
         for B, H, W in ((1, 17, 20), (1, 40, 64), (3, 9, 9)):
             check_against_reference("cpu", TOL, B=B, C=9, Cout=11, T=3, H=H, W=W)
@@ -161,6 +162,45 @@ def test_forward_non_contiguous():
     y_ref, c_ref = run("reference", base)
     assert_matches(y, y_ref, TOL[torch.float32])
     assert torch.equal(c, c_ref)
+
+
+# Magnitudes far from 1 (fp16 near its top and bottom, bf16 at 2^+-100): the Winograd transforms
+# (coefficients up to 8), the RMSNorm squares and every sum run in fp32, so nothing overflows or
+# flushes where the reference does not; compared relative to the largest output, with TOL.
+
+
+def scaled_inputs(dtype, scale, **kw):
+    inp = make_inputs(dtype=torch.float64, **kw)
+    for k in ("x", "cache", "residual", "bias"):
+        if inp[k] is not None:
+            inp[k] = inp[k] * scale
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+
+
+def assert_matches_relative(got, want, tol):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.isfinite(want.double()).all() and torch.isfinite(got.double()).all()
+    scale = want.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    torch.testing.assert_close(got.double() / scale, want.double() / scale, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,scale", EXTREMES, ids=EXTREME_IDS)
+@pytest.mark.parametrize("options", ["plain", "norm_silu", "all"])
+@pytest.mark.parametrize("kernel,stride", [((3, 3, 3), (1, 1, 1)), ((3, 3, 3), (1, 2, 2))])
+def test_forward_extreme_magnitudes(dtype, scale, options, kernel, stride):
+    inp = scaled_inputs(dtype, scale, C=16, Cout=8, H=13, W=11, kernel=kernel, stride=stride, options=options)
+    y, _ = run("cpu", inp, options)
+    y_ref, _ = run("reference", inp, options)
+    assert_matches_relative(y, y_ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 60, 2.0 ** -60])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_grads_bf16_extreme_magnitudes(scale, options):
+    inp = scaled_inputs(torch.bfloat16, scale, B=1, C=4, Cout=3, T=3, H=5, W=5, options=options)
+    got, want = (grads(b, inp, options, upstream_seed=2) for b in ("cpu", "reference"))
+    for k in got:
+        assert_matches_relative(got[k], want[k], 3e-2)
 
 
 # ---- streaming ---------------------------------------------------------------------------------
