@@ -8,7 +8,7 @@ export CUDA_HOME ?= $(shell test -x /usr/local/cuda/bin/nvcc && echo /usr/local/
 # no GPU visible: compile the CUDA kernels for Hopper (the setup.py default adds Ampere too)
 export TORCH_CUDA_ARCH_LIST ?= $(shell nvidia-smi >/dev/null 2>&1 || echo 9.0)
 
-.PHONY: setup build run test bench wheel-check arm-check sanitize-check fuzz gpu-check clean
+.PHONY: setup build run test bench wheel-check arm-check sanitize-check fuzz fuzz-atheris gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ sanitize-check: setup
 # the fuzz tests of tests/io/test_fuzz.py with 5000 new cases each (make test runs 300 fixed ones)
 fuzz: setup
 	DECOVAE_FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -s tests/io/test_fuzz.py
+
+# coverage-guided fuzzing (atheris / libFuzzer) of the latent file reader and the video input, 60 s each
+fuzz-atheris: setup
+	$(PY) scripts/fuzz_atheris.py latent 60
+	$(PY) scripts/fuzz_atheris.py video 60
 
 # on a machine with a CUDA GPU: build for it, GPU tests, bench on CUDA, a short base training, summary
 # (scripts/gpu_check.py; `--dry-run`, run by the tests, resolves every step without a GPU). No

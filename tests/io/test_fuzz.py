@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import struct
+import subprocess
+import sys
 from contextlib import contextmanager
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,6 +130,20 @@ def test_fuzz_video_reader(m, video_bytes, tmp_path):
             for _ in r:
                 pass
     _outcome("video", read)
+
+
+@pytest.mark.parametrize("target", ["latent", "video"])
+def test_atheris_harness_runs_clean(target, tmp_path):
+    """scripts/fuzz_atheris.py (`make fuzz-atheris`, 60 s each) for 5 s: libFuzzer finishes its
+    time with no crash or hang saved."""
+    pytest.importorskip("atheris")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "fuzz_atheris.py"
+    result = subprocess.run([sys.executable, str(script), target, "5", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = re.search(r"Done (\d+) runs", result.stderr)
+    assert runs and int(runs.group(1)) > 100, result.stderr[-3000:]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-"))]
 
 
 def test_zz_fuzz_outcomes_are_counted():
