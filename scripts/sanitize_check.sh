@@ -23,6 +23,7 @@ PYTHONPATH="$LIB" LD_PRELOAD="$ASAN $UBSAN" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
   "$PY" -m pytest -q -p no:cacheprovider --rootdir "$SRC" \
   "$SRC/tests/ops/test_warp_ops.py" "$SRC/tests/ops/test_causal_conv3d.py" "$SRC/tests/ops/test_ops_foundation.py" \
+  "$SRC/tests/ops/test_kernel_invariance.py" \
   -k "not triton and not gpu and not memory and not cuda"
 where="$(PYTHONPATH="$LIB" LD_PRELOAD="$ASAN $UBSAN" ASAN_OPTIONS=detect_leaks=0 "$PY" -c \
   'import decovae_fast._C as c; print(c.__file__)')"

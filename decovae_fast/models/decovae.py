@@ -159,7 +159,9 @@ class DeCoVAE(VideoVAEBase):
             # energy, so the order cannot flip a decision
             energy = residual[..., :H, :W].double().pow(2).mean(dim=(1, 3, 4))  # (B, t)
             energy[:, :max(0, self.config.min_gop() - gop_frames)] = 0  # too early for a keyframe
-            cuts = [int(row.nonzero()[0]) if row.any() else None for row in energy > thr]
+            over = energy > thr  # argmax gives the first True; -1 where none (one device sync)
+            first = torch.where(over.any(1), over.int().argmax(1), -1).tolist()
+        cuts = [None if f < 0 else f for f in first]
         if shared and any(c is not None for c in cuts):
             return min(c for c in cuts if c is not None)
         if len(set(cuts)) > 1:
