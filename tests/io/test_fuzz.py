@@ -4,8 +4,9 @@ files (truncations, flipped bytes, overwritten headers, huge declared sizes, gar
 must end in a clean read or a UserError (what the command line turns into exit 2 and one line),
 within a time limit: never another exception, never a hang. The examples per test come from
 DECOVAE_FUZZ_EXAMPLES (default 300 each, the same cases every run: under a minute in all in
-`make test`; `make fuzz` runs 5000 new ones each),
-and the outcomes are counted (printed with -s)."""
+`make test`; `make fuzz` runs 5000 new ones each), and a third as many through the command line
+(`decovae encode` / `decode` on mutated files: exit 0 with exactly the output, or exit 2 with one
+line and nothing left behind). The outcomes are counted (printed with -s)."""
 from __future__ import annotations
 
 import collections
@@ -15,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from decovae_fast.cli.main import main
 from decovae_fast.errors import UserError
 from decovae_fast.io.latent_file import load_latent, save_latent
 from decovae_fast.io.video import VideoReader
@@ -130,6 +133,56 @@ def test_fuzz_video_reader(m, video_bytes, tmp_path):
             for _ in r:
                 pass
     _outcome("video", read)
+
+
+# The command line end to end on mutated files: `decovae encode` of a mutated video and `decovae
+# decode` of a mutated latent file written by `decovae encode` (in-process, the small weights):
+# exit 0 with exactly the output, or exit 2 with one line and nothing left in the output folder.
+CLI_FUZZ = settings(FUZZ, max_examples=max(20, EXAMPLES // 3))
+
+
+@pytest.fixture(scope="module")
+def cli_latent_bytes(video_bytes, small_weights, tmp_path_factory) -> bytes:
+    folder = tmp_path_factory.mktemp("cli-latent")
+    (folder / "v.mp4").write_bytes(video_bytes)
+    assert main(["encode", str(folder / "v.mp4"), "-o", str(folder / "z.safetensors"),
+                 "--weights", str(small_weights), "--quiet"]) == 0
+    return (folder / "z.safetensors").read_bytes()
+
+
+def _cli_case(kind, command, data: bytes, suffix: str, out_name: str, weights, tmp_path, capsys) -> None:
+    case = Path(tempfile.mkdtemp(dir=tmp_path))
+    (case / "in").mkdir()
+    (case / "out").mkdir()
+    src = case / "in" / f"f{suffix}"
+    src.write_bytes(data)
+    capsys.readouterr()
+    with time_limit(60):
+        rc = main([command, str(src), "-o", str(case / "out" / out_name), "--weights", str(weights), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    left = sorted(p.name for p in (case / "out").iterdir())
+    if rc == 0:
+        assert left == [out_name], left
+        OUTCOMES[kind]["exit 0"] += 1
+    else:
+        assert rc == 2, (rc, err)
+        assert len(err.splitlines()) == 1 and err.startswith(f"decovae {command}: error:"), err
+        assert left == [], left
+        OUTCOMES[kind]["exit 2"] += 1
+
+
+@CLI_FUZZ
+@given(m=MUTATIONS)
+def test_fuzz_cli_encode(m, video_bytes, small_weights, tmp_path, capsys):
+    _cli_case("cli encode", "encode", mutate(video_bytes, m), ".mp4", "z.safetensors", small_weights, tmp_path,
+              capsys)
+
+
+@CLI_FUZZ
+@given(m=MUTATIONS)
+def test_fuzz_cli_decode(m, cli_latent_bytes, small_weights, tmp_path, capsys):
+    _cli_case("cli decode", "decode", mutate(cli_latent_bytes, m), ".safetensors", "v.mp4", small_weights,
+              tmp_path, capsys)
 
 
 @pytest.mark.parametrize("target", ["latent", "video"])
