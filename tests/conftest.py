@@ -175,6 +175,15 @@ EXTREMES = [(torch.float16, 2.0 ** 12), (torch.float16, 2.0 ** -10), (torch.bflo
 EXTREME_IDS = ["fp16-2^12", "fp16-2^-10", "bf16-2^100", "bf16-2^-100"]
 
 
+def assert_close_relative(actual, expected, tol: float, what: str = "") -> None:
+    """Same dtype and shape, both finite, and equal within tol relative to expected's largest value."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(e).all() and torch.isfinite(a).all(), what
+    scale = e.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    torch.testing.assert_close(a / scale, e / scale, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
 # ---- CPU kernel variants ------------------------------------------------------------------------
 # The CPU kernels are compiled per instruction set (csrc/cpu/kernels_*.cpp): every CPU kernel test
 # of the modules below runs once per variant this CPU runs (ids [isa_default], [isa_avx2],

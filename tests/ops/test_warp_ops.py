@@ -15,7 +15,7 @@ import decovae_fast.ops as ops
 from decovae_fast import _ext
 from decovae_fast.ops import _backend
 from decovae_fast.ops import reference as R
-from conftest import EXTREME_IDS, EXTREMES, num_threads
+from conftest import EXTREME_IDS, EXTREMES, assert_close_relative, num_threads
 
 # CPU tests run once per compiled instruction set (tests/ops/conftest.py)
 pytestmark = pytest.mark.usefixtures("cpu_isa")
@@ -129,14 +129,6 @@ def test_cpu_warp_far_flows(dtype):
 # reference does not; compared relative to each tensor's largest value, with TOL.
 
 
-def assert_close_relative(actual, expected, dtype, what):
-    a, e = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(e).all() and torch.isfinite(a).all(), what
-    scale = e.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    torch.testing.assert_close(a / scale, e / scale, rtol=TOL[dtype], atol=TOL[dtype],
-                               msg=lambda m: f"{what} ({dtype}): {m}")
-
-
 @needs_ext
 @pytest.mark.parametrize("dtype,scale", EXTREMES, ids=EXTREME_IDS)
 @pytest.mark.parametrize("op", ["warp_residual", "warp_add"])
@@ -145,8 +137,7 @@ def test_cpu_warp_extreme_magnitudes(dtype, scale, op):
     inputs = ((volume * scale).to(dtype), motion, (frames * scale).to(dtype))  # fp32 motion, as the model
     got, want = _grads(_cpu(op), *inputs), _grads(getattr(R, op), *inputs)
     for name, a, b in zip(("output", "grad volume", "grad motion", "grad frames"), got, want):
-        assert a.dtype == b.dtype, name
-        assert_close_relative(a, b, dtype, name)
+        assert_close_relative(a, b, TOL[dtype], f"{name} ({dtype})")
 
 
 @needs_ext
@@ -154,8 +145,7 @@ def test_cpu_warp_extreme_magnitudes(dtype, scale, op):
 def test_cpu_gaussian_volume_extreme_magnitudes(dtype, scale):
     x = (torch.randn(2, 3, 29, 31, generator=torch.Generator().manual_seed(0)) * scale).to(dtype)
     got, want = (fn(x, 5, 1.0) for fn in (_cpu("gaussian_volume"), R.gaussian_volume))
-    assert got.dtype == want.dtype
-    assert_close_relative(got, want, dtype, "volume")
+    assert_close_relative(got, want, TOL[dtype], f"volume ({dtype})")
 
 
 @needs_ext
